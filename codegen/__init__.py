@@ -1,0 +1,1 @@
+"""Code-generation utilities for the Mini-Llama: evaluation metrics and helpers."""

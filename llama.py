@@ -1,0 +1,425 @@
+"""Mini-Llama: a decoder-only transformer in the shape of Llama 2 (and of Karpathy's llama2.c).
+
+tokens -> embedding -> n_layers x [norm -> attention -> +residual -> norm -> SwiGLU MLP -> +residual]
+       -> final norm -> output projection (tied to the embedding) -> logits
+"""
+import math
+import struct
+import zipfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from base_llama import LlamaPreTrainedModel
+from config import LlamaConfig
+from rope import rope_frequencies, rotate
+
+
+def upcast(x):
+    """Normalise in at least float32, also under bf16/fp16."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class LayerNorm(nn.Module):
+    """The assignment's LayerNorm: (a - mean) / sqrt(var + eps) * g, biased variance, gain only."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x):
+        mean = x.mean(-1, keepdim=True)
+        var = (x - mean).pow(2).mean(-1, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps)
+
+    def forward(self, x):
+        return self._norm(upcast(x)).type_as(x) * self.weight
+
+
+class RMSNorm(nn.Module):
+    """Llama 2's RMSNorm: a / sqrt(mean(a^2) + eps) * g. No centring, so it is cheaper than LayerNorm."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        return self._norm(upcast(x)).type_as(x) * self.weight
+
+
+def make_norm(config: LlamaConfig) -> nn.Module:
+    norm = LayerNorm if config.norm_type == "layernorm" else RMSNorm
+    return norm(config.dim, eps=config.norm_eps)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Grouped-query attention: each of the n_kv_heads key/value heads serves n_rep query heads.
+    (batch, seqlen, n_kv_heads, head_dim) -> (batch, seqlen, n_kv_heads * n_rep, head_dim)."""
+    if n_rep == 1:
+        return x
+    return x.repeat_interleave(n_rep, dim=2)
+
+
+def attention_mask(key_valid: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """Boolean mask (batch, 1, n_queries, n_keys), True where a query may look at a key.
+
+    The queries are the last n_queries of the n_keys positions (the rest sit in a KV cache). A query
+    sees earlier keys that are real tokens (key_valid) and always itself, so that padding rows
+    never have an empty softmax."""
+    n_keys = key_valid.shape[1]
+    q_pos = torch.arange(n_keys - n_queries, n_keys, device=key_valid.device)[:, None]
+    k_pos = torch.arange(n_keys, device=key_valid.device)[None, :]
+    allowed = (k_pos <= q_pos) & (key_valid[:, None, :] | (k_pos == q_pos))
+    return allowed[:, None]
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, preallocated once:
+    decoding then costs one new row per layer and step instead of recomputing the prefix."""
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled; the model advances it after each forward
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's (batch, seqlen, n_kv_heads, head_dim) keys/values; return all so far."""
+        end = self.length + k.shape[1]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions, {end} needed")
+        self.k[layer, :, self.length : end] = k
+        self.v[layer, :, self.length : end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_id: int = 0):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.n_rep = self.n_heads // self.n_kv_heads
+        self.head_dim = config.head_dim
+        self.max_seq_len = config.max_seq_len
+        self.compute_query = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.compute_key = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.compute_value = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.compute_output = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+        self.use_sdpa = False  # True: PyTorch's fused kernel instead of the readable code below
+
+    def compute_query_key_value_scores(self, query, key, value, mask: Optional[torch.Tensor] = None):
+        """softmax(Q K^T / sqrt(head_dim)) V for query (batch, heads, Tq, head_dim) and key/value
+        (batch, heads, Tk, head_dim). mask (broadcastable to (batch, heads, Tq, Tk), True = attend)
+        defaults to causal: query i is position Tk - Tq + i and sees keys up to that position."""
+        n_q, n_k = query.shape[-2], key.shape[-2]
+        if mask is None and n_q > 1:
+            mask = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril(diagonal=n_k - n_q)
+        if self.use_sdpa:
+            p = self.dropout if self.training else 0.0
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=p)
+        scores = query @ key.transpose(-2, -1) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = F.softmax(scores.float(), dim=-1).type_as(query)
+        return self.attn_dropout(weights) @ value
+
+    def forward(self, x, cos, sin, cache: Optional[KVCache] = None, mask=None):
+        batch, seqlen, _ = x.shape
+        query = self.compute_query(x).view(batch, seqlen, self.n_heads, self.head_dim)
+        key = self.compute_key(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
+        value = self.compute_value(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)
+        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(self.layer_id, key, value)
+        key, value = repeat_kv(key, self.n_rep), repeat_kv(value, self.n_rep)
+        # (batch, seqlen, heads, head_dim) -> (batch, heads, seqlen, head_dim): heads act as a batch dim
+        out = self.compute_query_key_value_scores(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask)
+        out = out.transpose(1, 2).contiguous().view(batch, seqlen, -1)
+        return self.resid_dropout(self.compute_output(out))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x); the w3 branch gates the w1 branch element-wise."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class LlamaLayer(nn.Module):
+    """Pre-norm transformer block: each sub-layer reads a normalised copy of the residual stream
+    and adds its result back, so the stream itself is never normalised."""
+
+    def __init__(self, layer_id: int, config: LlamaConfig):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(config, layer_id)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim, config.dropout)
+        self.attention_norm = make_norm(config)
+        self.ffn_norm = make_norm(config)
+
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(LlamaPreTrainedModel):
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.params = config  # the course's name for it
+        self.vocab_size = config.vocab_size
+        self.n_layers = config.n_layers
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(LlamaLayer(i, config) for i in range(config.n_layers))
+        self.norm = make_norm(config)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.tok_embeddings.weight = self.output.weight  # weight tying
+        cos, sin = rope_frequencies(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("freqs_cos", cos, persistent=False)
+        self.register_buffer("freqs_sin", sin, persistent=False)
+        self.init_weights()
+
+    def set_sdpa(self, enabled: bool = True):
+        """Switch every attention layer to F.scaled_dot_product_attention (or back)."""
+        for layer in self.layers:
+            layer.attention.use_sdpa = enabled
+        return self
+
+    def forward(self, tokens, targets=None, *, cache: Optional[KVCache] = None, positions=None, key_valid=None):
+        """Returns (logits, hidden_states). Logits cover every position when `targets` is given
+        (training), else only the last one (generation), as in the assignment.
+
+        Decoding extras: `cache` continues from cache.length; `positions` (batch, seqlen) gives each
+        token's RoPE position (left-padded batches); `key_valid` (batch, keys so far) marks real tokens."""
+        _, seqlen = tokens.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            if start + seqlen > self.config.max_seq_len:
+                raise ValueError(f"sequence of {start + seqlen} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            cos, sin = self.freqs_cos[start : start + seqlen], self.freqs_sin[start : start + seqlen]
+        else:
+            cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
+        mask = attention_mask(key_valid, seqlen) if key_valid is not None else None
+        h = self.dropout(self.tok_embeddings(tokens))
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, mask)
+        if cache is not None:
+            cache.length += seqlen
+        h = self.norm(h)
+        logits = self.output(h) if targets is not None else self.output(h[:, [-1], :])
+        return logits, h
+
+    @torch.inference_mode()
+    def generate(self, idx, max_new_tokens, temperature=1.0, epsilon=3e-4, *, generator=None,
+                 eos_id=None, prompt_mask=None, use_cache=True):
+        """Continue every row of idx (batch, seqlen) by max_new_tokens tokens, or until eos_id.
+
+        temperature 0 is greedy; otherwise epsilon sampling (see sample_next). prompt_mask (batch,
+        seqlen), True on real tokens, allows prompts of different lengths padded on either side:
+        they are left-aligned and RoPE positions counted from each prompt's first real token.
+        Returns (batch, seqlen + n_new): the (left-aligned) prompts, then the new tokens; a row
+        that has emitted eos_id is filled with eos_id. use_cache=False recomputes the whole
+        sequence for every token, the readable reference the KV cache is tested against."""
+        idx, valid = left_align(idx, prompt_mask)
+        batch, seqlen = idx.shape
+        positions = (valid.cumsum(1) - 1).clamp(min=0) if valid is not None else None
+        cache = None
+        if use_cache:
+            if seqlen + max_new_tokens > self.config.max_seq_len:
+                raise ValueError(f"{seqlen} + {max_new_tokens} tokens exceed max_seq_len={self.config.max_seq_len}; "
+                                 "pass use_cache=False to slide a window instead")
+            cache = KVCache(self.config, batch, seqlen + max_new_tokens, idx.device, self.dtype)
+        finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
+        step_tokens, step_positions = idx, positions
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits, _ = self(step_tokens, cache=cache, positions=step_positions, key_valid=valid)
+            else:
+                window = slice(-self.config.max_seq_len, None)  # the course's sliding window
+                logits, _ = self(idx[:, window], positions=None if positions is None else positions[:, window],
+                                 key_valid=None if valid is None else valid[:, window])
+            next_token = sample_next(logits[:, -1, :], temperature, epsilon, generator)
+            if eos_id is not None:
+                next_token = next_token.masked_fill(finished[:, None], eos_id)
+                finished |= next_token[:, 0] == eos_id
+            idx = torch.cat((idx, next_token), dim=1)
+            step_tokens = next_token
+            if valid is not None:
+                valid = F.pad(valid, (0, 1), value=True)
+                step_positions = positions[:, -1:] + 1
+                positions = torch.cat((positions, step_positions), dim=1)
+            if finished.all():
+                break
+        return idx
+
+
+def sample_next(logits, temperature: float, epsilon: float = 3e-4, generator=None):
+    """Pick the next token from logits (batch, vocab) -> (batch, 1).
+
+    temperature 0: the argmax. Otherwise epsilon sampling (Hewitt et al. 2022): divide the logits
+    by the temperature, softmax, drop every token whose probability is below epsilon (never the
+    most likely one), renormalise and sample."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    keep = (probs >= epsilon) | (probs == probs.max(dim=-1, keepdim=True).values)
+    probs = torch.where(keep, probs, 0.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def left_align(idx, prompt_mask):
+    """Move each row's real tokens (prompt_mask True) to the right end, padding on the left.
+    Returns (idx, valid); valid is None when there is no mask (all tokens real)."""
+    if prompt_mask is None:
+        return idx, None
+    prompt_mask = prompt_mask.to(torch.bool)
+    if not prompt_mask.any(dim=1).all():
+        raise ValueError("every prompt needs at least one real token")
+    order = torch.argsort(prompt_mask.to(torch.int8), dim=1, stable=True)  # pads first, order kept
+    return idx.gather(1, order), prompt_mask.gather(1, order)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading checkpoints
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: missing, truncated, not a checkpoint, or mismatched."""
+
+
+# llama2.c names the projections wq/wk/wv/wo; the assignment names them compute_*.
+_LLAMA2C_NAMES = {".attention.wq.": ".attention.compute_query.", ".attention.wk.": ".attention.compute_key.",
+                  ".attention.wv.": ".attention.compute_value.", ".attention.wo.": ".attention.compute_output."}
+_IGNORED_KEYS = {"freqs_cos", "freqs_sin"}  # RoPE tables some llama2.c versions saved; we recompute them
+
+
+def _rename(key: str) -> str:
+    key = key.removeprefix("_orig_mod.")  # left by torch.compile
+    for old, new in _LLAMA2C_NAMES.items():
+        key = key.replace(old, new)
+    return key
+
+
+def load_state_dict_strict(model: Llama, state_dict: dict, source) -> None:
+    """Load weights, raising one CheckpointError that lists every missing, unexpected or
+    mis-shaped tensor (the course's strict=False silently kept random weights instead)."""
+    state_dict = {_rename(k): v for k, v in state_dict.items() if _rename(k) not in _IGNORED_KEYS}
+    expected = model.state_dict()
+    if "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
+        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]  # tied: saving one is enough
+    if "tok_embeddings.weight" not in state_dict and "output.weight" in state_dict:
+        state_dict["tok_embeddings.weight"] = state_dict["output.weight"]
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
+    problems = [f"missing keys {missing}"] * bool(missing) + [f"unexpected keys {unexpected}"] * bool(unexpected)
+    problems += [f"shape mismatches {mismatched}"] * bool(mismatched)
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not fit the model: " + "; ".join(problems))
+    if not torch.equal(state_dict["output.weight"], state_dict["tok_embeddings.weight"]):
+        model.output.weight = nn.Parameter(torch.empty_like(model.output.weight))  # untie
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _load_torch_checkpoint(path: Path, overrides: dict):
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt files; report one clear error
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(checkpoint, dict) or "model_args" not in checkpoint or "model" not in checkpoint:
+        raise CheckpointError(f"{path}: expected a dict with 'model_args' and 'model' (the stories42M.pt format)")
+    config = LlamaConfig.from_model_args({"norm_type": "layernorm", **checkpoint["model_args"]}, **overrides)
+    return config, checkpoint["model"]
+
+
+_BIN_HEADER = struct.Struct("7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len
+
+
+def _load_llama2c_bin(path: Path, overrides: dict):
+    """llama2.c's legacy export: the header above, then fp32 tensors grouped by kind across layers,
+    the RoPE tables, and the output matrix only when vocab_size was written negative (untied)."""
+    data = path.read_bytes()
+    if len(data) < _BIN_HEADER.size:
+        raise CheckpointError(f"{path}: {len(data)} bytes is too short for a llama2.c checkpoint header")
+    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len = _BIN_HEADER.unpack_from(data)
+    shared = vocab_size > 0
+    if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, max_seq_len, abs(vocab_size)) <= 0:
+        raise CheckpointError(f"{path}: header has non-positive sizes: not a llama2.c checkpoint")
+    try:
+        config = LlamaConfig.from_model_args(
+            dict(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                 vocab_size=abs(vocab_size), max_seq_len=max_seq_len, norm_type="rmsnorm"), **overrides)
+    except (ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path}: header is not a llama2.c checkpoint ({e})") from None
+    layout = _llama2c_layout(config, shared)
+    expected = _BIN_HEADER.size + 4 * sum(math.prod(shape) for _, shape in layout)
+    if len(data) != expected:
+        raise CheckpointError(f"{path}: {len(data)} bytes, but a llama2.c checkpoint with this header has "
+                              f"{expected} (truncated, or not a llama2.c .bin file)")
+    flat = torch.frombuffer(bytearray(data[_BIN_HEADER.size :]), dtype=torch.float32)
+    state_dict, offset = {}, 0
+    for name, shape in layout:
+        n = math.prod(shape)
+        state_dict[name] = flat[offset : offset + n].view(shape).clone()
+        offset += n
+    for name in _IGNORED_KEYS:
+        state_dict.pop(name)
+    return config, state_dict
+
+
+def _llama2c_layout(config: LlamaConfig, shared: bool):
+    """(name, shape) of every tensor of a llama2.c .bin file, in file order."""
+    c, kv_dim = config, config.n_kv_heads * config.head_dim
+    per_layer = [("attention_norm.weight", (c.dim,)), ("attention.compute_query.weight", (c.dim, c.dim)),
+                 ("attention.compute_key.weight", (kv_dim, c.dim)), ("attention.compute_value.weight", (kv_dim, c.dim)),
+                 ("attention.compute_output.weight", (c.dim, c.dim)), ("ffn_norm.weight", (c.dim,)),
+                 ("feed_forward.w1.weight", (c.hidden_dim, c.dim)), ("feed_forward.w2.weight", (c.dim, c.hidden_dim)),
+                 ("feed_forward.w3.weight", (c.hidden_dim, c.dim))]
+    layout = [("tok_embeddings.weight", (c.vocab_size, c.dim))]
+    layout += [(f"layers.{i}.{name}", shape) for name, shape in per_layer for i in range(c.n_layers)]
+    layout += [("norm.weight", (c.dim,)), ("freqs_cos", (c.max_seq_len, c.head_dim // 2)),
+               ("freqs_sin", (c.max_seq_len, c.head_dim // 2))]
+    if not shared:
+        layout.append(("output.weight", (c.vocab_size, c.dim)))
+    return layout
+
+
+def load_pretrained(checkpoint, **overrides) -> Llama:
+    """Build a Llama from a stories42M.pt-style dict (either naming scheme) or a llama2.c .bin.
+
+    `overrides` replace config fields, e.g. norm_type="rmsnorm" or dropout=0.1. Defaults follow
+    the format: .pt files get the assignment's LayerNorm, .bin files llama2.c's RMSNorm."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} not found: run `bash setup.sh` with network access to download "
+            "stories42M.pt, or pass --pretrained-model-path to a checkpoint you have")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    is_torch = zipfile.is_zipfile(path) or magic[:1] == b"\x80"  # torch zip format, or a legacy pickle
+    load = _load_torch_checkpoint if is_torch or path.suffix == ".pt" else _load_llama2c_bin
+    config, state_dict = load(path, overrides)
+    model = Llama(config)
+    load_state_dict_strict(model, state_dict, path)
+    return model

@@ -1,0 +1,54 @@
+"""Builders for the tests: tiny random models, and checkpoints written in each supported format."""
+import struct
+
+import torch
+
+from config import LlamaConfig
+from llama import Llama, _llama2c_layout
+
+LLAMA2C_NAMES = {"compute_query": "wq", "compute_key": "wk", "compute_value": "wv", "compute_output": "wo"}
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    args = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=8, max_seq_len=64)
+    return LlamaConfig(**{**args, **overrides})
+
+
+def tiny_model(seed=0, **overrides) -> Llama:
+    torch.manual_seed(seed)
+    model = Llama(tiny_config(**overrides)).eval()
+    with torch.no_grad():  # random norm gains, so that a swapped or missing gain is visible
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def model_args(config: LlamaConfig) -> dict:
+    """The stories42M.pt `model_args` keys (no norm_type, as in the real file)."""
+    keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len", "dropout")
+    return {k: getattr(config, k) for k in keys}
+
+
+def save_stories_pt(model: Llama, path, naming="minllama", prefix=""):
+    """Write a checkpoint in stories42M.pt format, with minllama (compute_*) or llama2.c (wq...) names."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if naming == "llama2c":
+            for ours, theirs in LLAMA2C_NAMES.items():
+                key = key.replace(f".{ours}.", f".{theirs}.")
+        state[prefix + key] = value.clone()
+    torch.save({"model_args": model_args(model.config), "model": state, "iter_num": 0}, path)
+
+
+def save_llama2c_bin(model: Llama, path):
+    """Write llama2.c's legacy .bin export (the format run.c reads)."""
+    config = model.config
+    shared = model.output.weight is model.tok_embeddings.weight
+    vocab = config.vocab_size if shared else -config.vocab_size
+    tensors = {**model.state_dict(), "freqs_cos": model.freqs_cos, "freqs_sin": model.freqs_sin}
+    with open(path, "wb") as f:
+        f.write(struct.pack("7i", config.dim, config.hidden_dim, config.n_layers, config.n_heads,
+                            config.n_kv_heads, vocab, config.max_seq_len))
+        for name, _ in _llama2c_layout(config, shared):
+            f.write(tensors[name].detach().float().contiguous().numpy().tobytes())

@@ -1,0 +1,138 @@
+"""Model components against independent references: F.layer_norm, llama2.c's RMSNorm formula,
+F.scaled_dot_product_attention, and llama2.c's own logits for the real stories260K checkpoint."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from config import LlamaConfig
+from conftest import asset_path
+from helpers import tiny_config, tiny_model
+from llama import Attention, FeedForward, LayerNorm, Llama, RMSNorm, load_pretrained
+
+
+def test_layernorm_equals_torch_layer_norm():
+    torch.manual_seed(0)
+    x, g = torch.randn(3, 5, 48) * 4 + 2, torch.randn(48)
+    norm = LayerNorm(48, eps=1e-5)
+    norm.weight.data.copy_(g)
+    expected = F.layer_norm(x, (48,), weight=g, bias=None, eps=1e-5)
+    torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rmsnorm_equals_llama2c_formula():
+    torch.manual_seed(0)
+    x, g = torch.randn(3, 5, 48) * 3, torch.randn(48)
+    norm = RMSNorm(48, eps=1e-5)
+    norm.weight.data.copy_(g)
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g  # llama2.c model.py
+    torch.testing.assert_close(norm(x), expected)
+    assert not torch.allclose(norm(x), F.layer_norm(x, (48,), weight=g), atol=1e-2)
+
+
+@pytest.mark.parametrize("norm_class", [LayerNorm, RMSNorm])
+def test_norms_gradcheck_in_float64(norm_class):
+    torch.manual_seed(0)
+    norm = norm_class(6).double()
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(norm, (x,))
+    assert torch.autograd.gradcheck(lambda w: norm_class._norm(norm, x) * w, (norm.weight.detach().requires_grad_(),))
+
+
+def sdpa_reference(attention: Attention, x: torch.Tensor, cos, sin) -> torch.Tensor:
+    """The attention block rebuilt from F.scaled_dot_product_attention with explicit KV repetition."""
+    from rope import rotate
+
+    b, t, _ = x.shape
+    h, kv, d = attention.n_heads, attention.n_kv_heads, attention.head_dim
+    q = rotate(attention.compute_query(x).view(b, t, h, d), cos, sin).transpose(1, 2)
+    k = rotate(attention.compute_key(x).view(b, t, kv, d), cos, sin).transpose(1, 2)
+    v = attention.compute_value(x).view(b, t, kv, d).transpose(1, 2)
+    k, v = k.repeat_interleave(h // kv, dim=1), v.repeat_interleave(h // kv, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attention.compute_output(out.transpose(1, 2).reshape(b, t, h * d))
+
+
+@pytest.mark.parametrize("n_kv_heads", [8, 4, 1])
+def test_attention_equals_scaled_dot_product_attention(n_kv_heads):
+    torch.manual_seed(n_kv_heads)
+    config = LlamaConfig(dim=64, n_heads=8, n_kv_heads=n_kv_heads, n_layers=1, vocab_size=10, max_seq_len=32)
+    attention = Attention(config).eval()
+    model = Llama(config)
+    x = torch.randn(3, 17, 64)
+    cos, sin = model.freqs_cos[:17], model.freqs_sin[:17]
+    expected = sdpa_reference(attention, x, cos, sin)
+    torch.testing.assert_close(attention(x, cos, sin), expected, atol=1e-5, rtol=1e-5)
+    attention.use_sdpa = True  # the fast path gives the same result
+    torch.testing.assert_close(attention(x, cos, sin), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_is_causal():
+    model = tiny_model()
+    tokens = torch.randint(0, 64, (2, 20))
+    changed = tokens.clone()
+    changed[:, 12:] = (changed[:, 12:] + 1) % 64
+    with torch.no_grad():
+        _, h1 = model(tokens)
+        _, h2 = model(changed)
+    torch.testing.assert_close(h1[:, :12], h2[:, :12])
+    assert not torch.allclose(h1[:, 12:], h2[:, 12:], atol=1e-4)
+
+
+def test_feedforward_is_swiglu():
+    torch.manual_seed(0)
+    ff = FeedForward(16, 40, dropout=0.0)
+    x = torch.randn(4, 16)
+    expected = (F.silu(x @ ff.w1.weight.T) * (x @ ff.w3.weight.T)) @ ff.w2.weight.T
+    torch.testing.assert_close(ff(x), expected)
+
+
+def test_hidden_dim_from_multiple_of():
+    assert LlamaConfig(dim=512, multiple_of=32).hidden_dim == 1376  # stories42M
+    assert LlamaConfig(dim=64, n_heads=8, multiple_of=4).hidden_dim == 172  # stories260K
+    assert LlamaConfig(dim=64, n_heads=8, hidden_dim=100).hidden_dim == 100
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        LlamaConfig(dim=64, n_heads=8, n_kv_heads=3)
+    with pytest.raises(ValueError, match="norm_type"):
+        LlamaConfig(norm_type="batchnorm")
+
+
+def test_forward_shapes_and_tied_output():
+    model = tiny_model()
+    tokens = torch.randint(0, 64, (2, 9))
+    logits, hidden = model(tokens)
+    assert logits.shape == (2, 1, 64) and hidden.shape == (2, 9, 32)
+    full, _ = model(tokens, targets=tokens)
+    assert full.shape == (2, 9, 64)
+    torch.testing.assert_close(full[:, -1:], logits)
+    assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_norm_type_selects_the_norm():
+    assert isinstance(Llama(tiny_config()).norm, LayerNorm)
+    assert isinstance(Llama(tiny_config(norm_type="rmsnorm")).layers[0].ffn_norm, RMSNorm)
+
+
+def stories260k():
+    model = load_pretrained(asset_path("reference/stories260K.bin"), norm_type="rmsnorm").eval()
+    reference = torch.load(asset_path("reference/stories260K_reference.pt"), weights_only=True)
+    return model, reference
+
+
+def test_stories260k_logits_match_llama2c():
+    model, reference = stories260k()
+    with torch.no_grad():
+        logits, _ = model(reference["tokens"], targets=reference["tokens"])
+    max_diff = (logits - reference["logits"]).abs().max().item()
+    print(f"stories260K max |dlogit| vs llama2.c = {max_diff:.3e}")
+    assert max_diff < 2e-4
+
+
+def test_stories260k_greedy_tokens_match_llama2c():
+    model, reference = stories260k()
+    expected = reference["greedy_from_bos"]
+    out = model.generate(expected[:1][None], max_new_tokens=len(expected) - 1, temperature=0.0)
+    assert out[0].tolist() == expected.tolist()

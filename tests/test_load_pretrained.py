@@ -1,0 +1,108 @@
+"""load_pretrained: both checkpoint formats round-trip bit-identically; bad files raise clear errors."""
+import pytest
+import torch
+
+from helpers import model_args, save_llama2c_bin, save_stories_pt, tiny_model
+from llama import CheckpointError, LayerNorm, RMSNorm, load_pretrained
+
+
+def assert_same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    tokens = torch.randint(0, a.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(a(tokens, targets=tokens)[0], b(tokens, targets=tokens)[0])
+
+
+@pytest.mark.parametrize("naming,prefix", [("minllama", ""), ("llama2c", ""), ("llama2c", "_orig_mod.")])
+def test_stories_pt_round_trip(tmp_path, naming, prefix):
+    model = tiny_model()
+    save_stories_pt(model, tmp_path / "m.pt", naming=naming, prefix=prefix)
+    loaded = load_pretrained(tmp_path / "m.pt").eval()
+    assert isinstance(loaded.norm, LayerNorm)  # .pt defaults to the assignment's LayerNorm
+    assert_same_model(model, loaded)
+
+
+def test_stories_pt_with_rmsnorm_override(tmp_path):
+    model = tiny_model(norm_type="rmsnorm")
+    save_stories_pt(model, tmp_path / "m.pt")
+    loaded = load_pretrained(tmp_path / "m.pt", norm_type="rmsnorm").eval()
+    assert isinstance(loaded.norm, RMSNorm)
+    assert_same_model(model, loaded)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llama2c_bin_round_trip(tmp_path, tied):
+    model = tiny_model(norm_type="rmsnorm")
+    if not tied:
+        model.output.weight = torch.nn.Parameter(torch.randn_like(model.output.weight))
+    save_llama2c_bin(model, tmp_path / "m.bin")
+    loaded = load_pretrained(tmp_path / "m.bin").eval()
+    assert isinstance(loaded.norm, RMSNorm)  # .bin defaults to llama2.c's RMSNorm
+    assert (loaded.output.weight is loaded.tok_embeddings.weight) == tied
+    assert_same_model(model, loaded)
+
+
+def test_missing_file_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="setup.sh.*--pretrained-model-path"):
+        load_pretrained(tmp_path / "stories42M.pt")
+
+
+def test_truncated_bin(tmp_path):
+    save_llama2c_bin(tiny_model(norm_type="rmsnorm"), tmp_path / "m.bin")
+    data = (tmp_path / "m.bin").read_bytes()
+    (tmp_path / "m.bin").write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_pretrained(tmp_path / "m.bin")
+    (tmp_path / "m.bin").write_bytes(data[:10])
+    with pytest.raises(CheckpointError, match="too short"):
+        load_pretrained(tmp_path / "m.bin")
+
+
+def test_truncated_pt(tmp_path):
+    save_stories_pt(tiny_model(), tmp_path / "m.pt")
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "m.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_pretrained(tmp_path / "m.pt")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.pt").write_text("hello, I am not a checkpoint\n" * 10)
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_pretrained(tmp_path / "notes.pt")
+    (tmp_path / "notes.bin").write_bytes(b"\xff" * 4096)
+    with pytest.raises(CheckpointError, match="not a llama2.c checkpoint"):
+        load_pretrained(tmp_path / "notes.bin")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="model_args"):
+        load_pretrained(tmp_path / "other.pt")
+
+
+def test_missing_unexpected_and_mismatched_keys_listed_together(tmp_path):
+    model = tiny_model()
+    state = model.state_dict()
+    del state["layers.1.attention.compute_key.weight"]
+    state["layers.0.extra.weight"] = torch.zeros(2)
+    state["layers.0.feed_forward.w1.weight"] = torch.zeros(3, 3)
+    torch.save({"model_args": model_args(model.config), "model": state}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(tmp_path / "bad.pt")
+    message = str(err.value)
+    assert "layers.1.attention.compute_key.weight" in message
+    assert "layers.0.extra.weight" in message
+    assert "layers.0.feed_forward.w1.weight: checkpoint (3, 3)" in message
+
+
+def test_unknown_model_args(tmp_path):
+    model = tiny_model()
+    torch.save({"model_args": {**model_args(model.config), "n_experts": 4}, "model": model.state_dict()}, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="n_experts"):
+        load_pretrained(tmp_path / "m.pt")
+
+
+def test_overrides_apply(tmp_path):
+    save_stories_pt(tiny_model(), tmp_path / "m.pt")
+    assert load_pretrained(tmp_path / "m.pt", dropout=0.25).config.dropout == 0.25

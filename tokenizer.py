@@ -1,0 +1,39 @@
+"""The Llama 2 SentencePiece tokenizer (32000 pieces), with the course's padding convention."""
+import os
+from pathlib import Path
+from typing import List, Optional
+
+from sentencepiece import SentencePieceProcessor
+
+TOKENIZER_MODEL = Path(__file__).resolve().parent / "tokenizer.model"
+
+
+class Tokenizer:
+    def __init__(self, max_len: Optional[int] = None, tokenizer_model: Optional[str] = None):
+        path = Path(tokenizer_model or os.environ.get("MINILLAMA_TOKENIZER") or TOKENIZER_MODEL)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"tokenizer model {path} not found: run `bash setup.sh` to place it, "
+                "or set MINILLAMA_TOKENIZER to a SentencePiece .model file"
+            )
+        self.sp_model = SentencePieceProcessor(model_file=str(path))
+        self.n_words = self.sp_model.vocab_size()
+        self.bos_id = self.sp_model.bos_id()
+        self.eos_id = self.sp_model.eos_id()
+        # Llama's tokenizer defines no padding piece (pad_id() is -1); like the course we pad with
+        # the byte piece <0x00>, which never occurs in real text.
+        self.pad_id = self.sp_model.piece_to_id("<0x00>")
+        self.max_len = max_len  # encode() truncates to this many tokens when set
+
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        tokens = self.sp_model.encode(s)
+        if bos:
+            tokens = [self.bos_id] + tokens
+        if eos:
+            tokens = tokens + [self.eos_id]
+        if self.max_len is not None:
+            tokens = tokens[: self.max_len]
+        return tokens
+
+    def decode(self, tokens: List[int]) -> str:
+        return self.sp_model.decode(tokens)

@@ -1,0 +1,40 @@
+"""Small helpers shared by the command-line scripts."""
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every random number generator a run touches, for reproducible runs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def atomic_write(path, write) -> None:
+    """Call write(file_object) on a temporary file beside `path`, then rename it over `path`:
+    readers see the old file or the complete new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path) -> None:
+    """torch.save, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
