@@ -1,0 +1,159 @@
+"""run_llama.py end to end through the real command line, on a tiny synthetic checkpoint in
+stories42M.pt format, the first lines of the real data, and an easy synthetic sentiment task."""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from config import LlamaConfig
+from conftest import ROOT, asset_path
+from helpers import save_stories_pt
+from llama import Llama
+
+OUTPUT_LINE = r"^\d+ \|\|\| "
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A directory with tiny.pt, data/ (64-line slices of SST and CFIMDB) and an easy synthetic task."""
+    tokenizer = asset_path("tokenizer.model")
+    data_dir = asset_path("data/sst-train.txt").parent
+    work = tmp_path_factory.mktemp("run_llama")
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=8, max_seq_len=512))
+    save_stories_pt(model, work / "tiny.pt")
+    (work / "data").mkdir()
+    for name in ("sst", "cfimdb"):
+        for split in ("train", "dev", "test"):
+            lines = (data_dir / f"{name}-{split}.txt").read_text().splitlines(keepends=True)[:64]
+            (work / "data" / f"{name}-{split}.txt").write_text("".join(lines))
+        (work / "data" / f"{name}-label-mapping.json").write_text((data_dir / f"{name}-label-mapping.json").read_text())
+    rng = random.Random(0)
+    filler = "the a movie film plot actor story scene was is really quite so very and but".split()
+    words = {0: ["awful", "terrible", "boring"], 1: ["great", "wonderful", "charming"]}
+    for split, n in (("train", 96), ("dev", 40), ("test", 40)):
+        lines = []
+        for _ in range(n):
+            label = rng.randrange(2)
+            lines.append(f"{label} ||| {' '.join(rng.choices(filler, k=rng.randint(2, 8)))} {rng.choice(words[label])}\n")
+        (work / "data" / f"easy-{split}.txt").write_text("".join(lines))
+    (work / "data" / "easy-label-mapping.json").write_text(json.dumps(["bad", "good"]))
+    env = {**os.environ, "MINILLAMA_TOKENIZER": str(tokenizer)}
+    return work, env
+
+
+def run(workdir, *args):
+    work, env = workdir
+    started = time.time()
+    result = subprocess.run([sys.executable, str(ROOT / "run_llama.py"), "--pretrained-model-path", "tiny.pt", "--quiet", *args],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    print(f"run_llama {' '.join(args[:2])}: {time.time() - started:.1f}s")
+    return result
+
+
+def data_args(name, kind):
+    return ["--train", f"data/{name}-train.txt", "--dev", f"data/{name}-dev.txt", "--test", f"data/{name}-test.txt",
+            "--label-names", f"data/{name}-label-mapping.json",
+            "--dev_out", f"{name}-dev-{kind}-output.txt", "--test_out", f"{name}-test-{kind}-output.txt"]
+
+
+def check_outputs(work, name, kind):
+    """Each output has one `label ||| sentence` line per input line, in input order."""
+    for split in ("dev", "test"):
+        inputs = (work / "data" / f"{name}-{split}.txt").read_text().splitlines()
+        outputs = (work / f"{name}-{split}-{kind}-output.txt").read_text().splitlines()
+        assert len(outputs) == len(inputs)
+        for out, line in zip(outputs, inputs):
+            label, sep, sentence = out.partition(" ||| ")
+            assert sep and label.isdigit() and sentence == line.partition(" ||| ")[2].strip()
+
+
+def accuracy(stdout, split):
+    return float(next(line for line in stdout.splitlines() if line.startswith(f"{split} acc ::")).split("::")[1])
+
+
+def test_generate(workdir):
+    result = run(workdir, "--option", "generate")
+    assert result.returncode == 0, result.stderr
+    work = workdir[0]
+    for temp in (0, 1):
+        text = (work / f"generated-sentence-temp-{temp}.txt").read_text()
+        assert text.startswith("Victor Frankenstein, a young scientist") and len(text) > 150
+    assert "Temperature is 0.0" in result.stdout and "Temperature is 1.0" in result.stdout
+
+
+def test_generate_is_reproducible(workdir):
+    work = workdir[0]
+    first = (work / "generated-sentence-temp-1.txt").read_text()
+    assert run(workdir, "--option", "generate").returncode == 0
+    assert (work / "generated-sentence-temp-1.txt").read_text() == first
+
+
+@pytest.mark.parametrize("name", ["sst", "cfimdb"])
+def test_prompt(workdir, name):
+    result = run(workdir, "--option", "prompt", "--batch_size", "10", *data_args(name, "prompting"))
+    assert result.returncode == 0, result.stderr
+    assert 0.0 <= accuracy(result.stdout, "dev") <= 1.0 and "test acc ::" in result.stdout
+    check_outputs(workdir[0], name, "prompting")
+
+
+@pytest.mark.parametrize("option,kind,lr", [("finetune", "finetuning", "1e-3"), ("lora", "lora", "1e-2")])
+def test_training_beats_chance_on_easy_task(workdir, option, kind, lr):
+    result = run(workdir, "--option", option, "--epochs", "4", "--lr", lr, "--batch_size", "8",
+                 "--hidden_dropout_prob", "0.0", "--filepath", f"{option}.pt", *data_args("easy", kind))
+    assert result.returncode == 0, result.stderr
+    assert "epoch 3: train loss ::" in result.stdout
+    assert accuracy(result.stdout, "dev") >= 0.8, result.stdout
+    check_outputs(workdir[0], "easy", kind)
+    saved = torch.load(workdir[0] / f"{option}.pt", weights_only=True)
+    if option == "lora":  # adapters and head only
+        assert all("lora_" in k or k.startswith("classifier_head") for k in saved["model"])
+
+
+def test_finetune_on_real_data_slice(workdir):
+    result = run(workdir, "--option", "finetune", "--epochs", "1", "--batch_size", "16", *data_args("sst", "finetuning"))
+    assert result.returncode == 0, result.stderr
+    check_outputs(workdir[0], "sst", "finetuning")
+
+
+def bad_run(workdir, tmp_name, content, flag="--dev"):
+    work = workdir[0]
+    (work / "data" / tmp_name).write_text(content)
+    args = data_args("easy", "prompting")
+    args[args.index(flag) + 1] = f"data/{tmp_name}"
+    args[args.index("--dev_out") + 1] = "bad-dev-prompting-output.txt"
+    args[args.index("--test_out") + 1] = "bad-test-prompting-output.txt"
+    result = run(workdir, "--option", "prompt", *args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert not (work / "bad-dev-prompting-output.txt").exists() and not (work / "bad-test-prompting-output.txt").exists()
+    return result.stderr
+
+
+@pytest.mark.parametrize("content,message", [
+    ("1 ||| fine\nno separator here\n", "bad.txt:2: expected `label ||| sentence`"),
+    ("1 ||| fine\nx ||| what\n", "bad.txt:2: label 'x' is not an integer"),
+    ("1 ||| fine\n0 ||| ok\n7 ||| seven\n", "bad.txt:3: label 7 is outside 0..1"),
+    ("", "bad.txt: no examples (empty file)"),
+])
+def test_bad_data_lines(workdir, content, message):
+    assert message in bad_run(workdir, "bad.txt", content)
+
+
+def test_label_mapping_disagreeing_with_data(workdir):
+    stderr = bad_run(workdir, "three.json", json.dumps(["only-one"]), flag="--label-names")
+    assert "label 1 is outside 0..0" in stderr and "easy-dev.txt" in stderr
+
+
+def test_missing_checkpoint(workdir):
+    work, env = workdir
+    result = subprocess.run([sys.executable, str(ROOT / "run_llama.py"), "--option", "generate"],
+                            cwd=work, env=env, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "stories42M.pt not found" in result.stderr and "--pretrained-model-path" in result.stderr
+    assert "Traceback" not in result.stderr
