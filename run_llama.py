@@ -30,6 +30,9 @@ GENERATE_PROMPT = ("Victor Frankenstein, a young scientist obsessed with uncover
                    "succeeds in animating a creature assembled from")
 
 
+CODEGEN_OPTIONS = ("codegen", "code_eval", "code_generate", "serve")
+
+
 class UsageError(Exception):
     """A problem the user can fix; main() prints the message and exits with status 2."""
 
@@ -285,9 +288,11 @@ def get_args(argv=None):
     parser.add_argument("--max_sentence_len", type=int, default=None)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--option", type=str, default="generate", choices=("generate", "prompt", "finetune", "lora"),
+    parser.add_argument("--option", type=str, default="generate",
+                        choices=("generate", "prompt", "finetune", "lora", *CODEGEN_OPTIONS),
                         help="generate: continue a prompt; prompt: zero-shot classification; "
-                             "finetune: train every weight; lora: train LoRA adapters")
+                             "finetune: train every weight; lora: train LoRA adapters; "
+                             "codegen, code_eval, code_generate, serve: code generation (see codegen/cli.py)")
     parser.add_argument("--use_gpu", action="store_true")
     parser.add_argument("--generated_sentence_low_temp_out", type=str, default="generated-sentence-temp-0.txt")
     parser.add_argument("--generated_sentence_high_temp_out", type=str, default="generated-sentence-temp-1.txt")
@@ -322,6 +327,11 @@ def check_output_names(args):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if set(argv) & set(CODEGEN_OPTIONS):  # code generation has its own flags: see codegen/cli.py
+        from codegen.cli import main as codegen_main
+
+        return codegen_main(argv)
     args = get_args(argv)
     seed_everything(args.seed)
     started = time.time()

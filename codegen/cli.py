@@ -1,0 +1,24 @@
+"""`python run_llama.py --option {codegen,code_eval,code_generate,serve}`: each option lives in its
+own module, which adds its flags with add_arguments(parser) and runs with run(args) -> exit status."""
+import argparse
+import importlib
+
+OPTIONS = {
+    "codegen": "codegen.train",  # fine-tune on code (full, LoRA, FIM)
+    "code_eval": "codegen.evaluate",  # metrics, sandboxed execution, pass@k
+    "code_generate": "codegen.generate",  # prompt -> code, streamed to stdout
+    "serve": "codegen.serve",  # a local web page doing the same
+}
+
+
+def main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="run_llama.py", description=__doc__)
+    parser.add_argument("--option", choices=sorted(OPTIONS), required=True)
+    parser.add_argument("--pretrained-model-path", default="stories42M.pt")
+    parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: tokenizer.model)")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--use_gpu", action="store_true")
+    option = parser.parse_known_args(argv)[0].option
+    module = importlib.import_module(OPTIONS[option])
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))

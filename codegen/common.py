@@ -1,0 +1,42 @@
+"""What the code-generation modules share: loading a model with its tokenizer, and the device."""
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from codegen.fim import SENTINELS
+from llama import load_pretrained
+from tokenizer import Tokenizer
+
+
+class CodeTokenizer(Tokenizer):
+    """The Llama tokenizer plus optional fill-in-the-middle sentinels with ids after the base vocabulary.
+    Sentinels are never produced by encode() of plain text; decode() drops them."""
+
+    def __init__(self, tokenizer_model: Optional[str] = None, sentinels: Optional[dict] = None):
+        super().__init__(None, tokenizer_model)
+        self.sentinels = dict(sentinels or {})  # name -> id, e.g. {"<fim_prefix>": 32000, ...}
+
+    def decode(self, tokens: List[int]) -> str:
+        return super().decode([t for t in tokens if t < self.n_words])
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    if use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("--use_gpu was given but CUDA is not available")
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
+def load_code_model(path, device="cpu", tokenizer_model: Optional[str] = None, **overrides):
+    """(model, tokenizer) from a stories42M.pt-format checkpoint or a llama2.c .bin. Checkpoints
+    written by codegen.train carry a "codegen" dict whose "sentinels" maps FIM names to ids."""
+    model = load_pretrained(path, **overrides).to(device).eval()
+    sentinels = {}
+    if Path(path).suffix != ".bin":
+        meta = torch.load(path, map_location="cpu", weights_only=True).get("codegen", {})
+        sentinels = meta.get("sentinels", {})
+    unknown = set(sentinels) - set(SENTINELS)
+    if unknown:
+        raise ValueError(f"{path}: unknown sentinel tokens {sorted(unknown)}")
+    return model, CodeTokenizer(tokenizer_model, sentinels)
+
