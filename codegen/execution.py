@@ -1,0 +1,608 @@
+"""Run untrusted, model-generated Python in a separate, sandboxed process.
+
+    check_program(program, timeout=5.0, memory_mb=1024, sandbox=None) -> ExecResult
+    run_tests(program, test, entry_point, timeout=5.0, ...)           HumanEval-style check
+    sandbox_kind() -> "bwrap" | "rlimits"                             what check_program uses
+
+The program never runs inside the calling interpreter. Each call gets a fresh temporary
+working directory (removed afterwards), a scrubbed environment, `python -I` (isolated mode),
+stdin from /dev/null, its own session / process group, and resource limits (CPU seconds,
+address space, file size, no core dumps, process count).
+
+Two sandboxes:
+
+"bwrap" (used when bubblewrap is installed and works here)
+    bwrap --ro-bind / / --tmpfs /tmp --bind WORKDIR WORKDIR --remount-ro /tmp --dev /dev
+          --proc /proc --unshare-net --unshare-pid --unshare-ipc --unshare-uts
+          --unshare-cgroup-try --die-with-parent --new-session ...
+    The whole file system is read-only except WORKDIR, there is no network (an empty net
+    namespace: not even the host's loopback), and the program has its own pid namespace, so
+    when it (or bwrap) dies every process it started dies with it.
+    When we are root, bwrap runs without a user namespace and a small launcher inside drops to
+    a fresh, unused uid before starting the program. That matters for fork bombs: the kernel
+    does not enforce RLIMIT_NPROC for root (nor for root mapped into a user namespace), but it
+    does for an ordinary uid. Directories the sandbox uid could not traverse (e.g. a 0700
+    /root holding a pyenv interpreter) are hidden behind a tmpfs and only the interpreter's
+    prefix is bind-mounted back, read-only. Not root: bwrap --unshare-user, no uid change, and
+    RLIMIT_NPROC = the user's current process count + a small margin.
+
+"rlimits" (fallback; a one-time warning is logged when it is picked automatically)
+    The same limits and process handling, without namespaces. When we are root and the
+    interpreter is usable by other users, the program still runs under a fresh uid (so the
+    kernel enforces RLIMIT_NPROC, file permissions and kill permissions). In addition a
+    prelude installs a `sys.addaudithook` guard in the program's interpreter that refuses:
+    sockets, writing/creating/removing files outside WORKDIR, signalling processes other than
+    itself and its own children, exec/spawn/system/subprocess, ctypes, and more than a few
+    forks (forked children may not fork again). An audit hook is a tripwire, not a security
+    boundary: determined code can get around it. Install bubblewrap for real isolation.
+
+On every exit path the whole process group/session is SIGKILLed (and, with a dedicated uid,
+every process of that uid) before the call returns, and the working directory is removed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import secrets
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["ExecResult", "check_program", "run_tests", "sandbox_kind", "available_sandboxes",
+           "SANDBOXES", "MAX_OUTPUT_BYTES"]
+
+logger = logging.getLogger(__name__)
+
+SANDBOXES = ("bwrap", "rlimits")
+MAX_OUTPUT_BYTES = 8192          # stdout / stderr kept per stream (head and tail)
+FILE_SIZE_LIMIT = 16 * 1024**2   # RLIMIT_FSIZE: largest file (incl. stdout) the program may write
+NPROC_MARGIN = 32                # processes the program may have at once (RLIMIT_NPROC)
+FORK_BUDGET = 8                  # rlimits sandbox: forks the audit guard allows the main process
+PROGRAM_NAME = "program.py"
+RUNNER_NAME = "_sandbox_main.py"
+
+_SANDBOX_UID_RANGE = (1_500_000_000, 2_000_000_000)   # far above any uid in /etc/passwd
+_TIMEOUT_SIGNALS = (signal.SIGXCPU,)
+
+
+@dataclasses.dataclass
+class ExecResult:
+    """Outcome of one sandboxed run. `status` is "passed", "failed" or "timeout"."""
+
+    status: str
+    returncode: Optional[int]
+    stdout: str
+    stderr: str
+    duration: float
+    sandbox: str
+    workdir: str = ""   # the (already removed) working directory; handy for diagnostics
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+# --------------------------------------------------------------------------- launcher / prelude
+
+# Runs as the first process of the sandbox: set the limits, drop to the sandbox uid (if any),
+# enter the working directory and exec the real interpreter. argv: cpu as fsize nproc uid wd cmd..
+_LAUNCHER = r"""
+import os, resource, sys
+cpu, mem, fsize, nproc, uid = (int(x) for x in sys.argv[1:6])
+wd, cmd = sys.argv[6], sys.argv[7:]
+for lim, val in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, cpu),
+                 (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_NPROC, nproc)):
+    soft, hard = resource.getrlimit(lim)
+    if hard != resource.RLIM_INFINITY:
+        val = min(val, hard)
+    resource.setrlimit(lim, (val, val))
+try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)   # PR_SET_NO_NEW_PRIVS
+except Exception:
+    pass
+if uid >= 0:
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+os.chdir(wd)
+resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+os.execv(cmd[0], cmd)
+"""
+
+# The rlimits sandbox runs this file instead of the program: it compiles the program, installs
+# the audit-hook guard and executes the program as __main__.
+_RUNNER = r'''
+import sys
+_sbx_wd = {workdir!r}
+_sbx_path = {program!r}
+with open(_sbx_path, encoding="utf-8") as _f:
+    _sbx_src = _f.read()
+_sbx_code = compile(_sbx_src, _sbx_path, "exec")
+
+
+class SandboxViolation(PermissionError):
+    """Raised by the sandbox guard for a refused operation."""
+
+
+def _sbx_install(WORKDIR, FORK_BUDGET):
+    import os
+    import posix
+
+    state = {{"forks": FORK_BUDGET}}
+    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    OK_DEVICES = ("/dev/null", "/dev/stdout", "/dev/stderr")
+    realpath, join, fspath, readlink = os.path.realpath, os.path.join, os.fspath, os.readlink
+
+    def after_fork_child():
+        state["forks"] = 0            # children may not fork again
+
+    os.register_at_fork(after_in_child=after_fork_child)
+
+    def deny(what):
+        raise SandboxViolation("sandbox: " + what + " is not allowed")
+
+    def inside(path, dir_fd=None):
+        """Does `path` (relative to the cwd, or to the directory open as `dir_fd`) resolve
+        to somewhere inside WORKDIR?"""
+        if isinstance(path, int):
+            return True               # an already open descriptor
+        try:
+            p = os.fsdecode(fspath(path))
+            if dir_fd is not None and dir_fd >= 0:   # audit events say -1 for "no dir_fd"
+                p = join(readlink("/proc/self/fd/%d" % dir_fd), p)
+        except (TypeError, OSError):
+            return False
+        full = realpath(p)
+        return full == WORKDIR or full.startswith(WORKDIR + os.sep) or full in OK_DEVICES
+
+    def own_child(pid):
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                data = f.read()
+            return int(data[data.rindex(b")") + 2:].split()[1]) == os.getpid()
+        except (OSError, ValueError, IndexError):
+            return False
+
+    def hook(event, args):
+        if event == "open":
+            flags = args[2] if len(args) > 2 else 0
+            if isinstance(flags, int) and flags & WRITE_FLAGS and not inside(args[0]):
+                deny("writing %r" % (args[0],))
+        elif event in ("os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.utime"):
+            if not inside(args[0], args[-1]):
+                deny("%s(%r)" % (event, args[0]))
+        elif event in ("os.truncate", "os.chflags", "os.lchflags", "os.setxattr",
+                       "os.removexattr"):
+            if not inside(args[0]):
+                deny("%s(%r)" % (event, args[0]))
+        elif event in ("os.rename", "os.link"):
+            if not (inside(args[0], args[2]) and inside(args[1], args[3])):
+                deny("%s(%r, %r)" % (event, args[0], args[1]))
+        elif event == "os.symlink":
+            if not inside(args[1], args[2]):
+                deny("os.symlink(%r)" % (args[1],))
+        elif event in ("os.kill", "os.killpg"):
+            pid = args[0]
+            if event == "os.killpg" or pid <= 0 or (pid != os.getpid() and not own_child(pid)):
+                deny("%s(%r)" % (event, pid))
+        elif event in ("os.fork", "os.forkpty"):
+            if state["forks"] <= 0:
+                deny("fork (limit reached)")
+            state["forks"] -= 1
+        elif event in ("os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.startfile",
+                       "subprocess.Popen", "pty.spawn"):
+            deny("starting programs (%s)" % event)
+        elif event.startswith("socket."):
+            deny("network access (%s)" % event)
+        elif event.startswith("ctypes."):
+            raise ImportError("sandbox: ctypes is not allowed")
+
+    def no_new_session(*args, **kwargs):
+        deny("changing session / process group")
+
+    os.setsid = os.setpgid = os.setpgrp = posix.setsid = posix.setpgid = posix.setpgrp = \
+        no_new_session
+
+    real_open = posix.open
+
+    def checked_open(path, flags, mode=0o777, *, dir_fd=None):
+        # the "open" audit event does not say relative to which directory
+        if dir_fd is not None and flags & WRITE_FLAGS and not inside(path, dir_fd):
+            deny("writing %r" % (path,))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    os.open = posix.open = checked_open
+    sys.addaudithook(hook)
+
+
+_sbx_install(_sbx_wd, {fork_budget})
+del _sbx_install, _sbx_wd, _f, _sbx_src
+sys.argv = [_sbx_path]
+__file__ = _sbx_path
+exec(_sbx_code)
+'''
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _python() -> str:
+    # Not resolved through symlinks: a venv's python finds its pyvenv.cfg (and packages) that way.
+    return os.path.abspath(sys.executable or shutil.which("python3") or "/usr/bin/python3")
+
+
+def _python_dirs() -> List[str]:
+    """Directories the sandboxed interpreter needs to be able to read."""
+    dirs = {os.path.dirname(_python()), os.path.dirname(os.path.realpath(_python()))}
+    for p in (sys.base_prefix, sys.prefix, sys.exec_prefix, sys.base_exec_prefix):
+        if p:
+            dirs.add(os.path.realpath(p))
+    out = []  # drop dirs nested inside another one
+    for d in sorted(dirs):
+        if not any(d == o or d.startswith(o.rstrip("/") + "/") for o in out):
+            out.append(d)
+    return out
+
+
+def _hidden_ancestor(path: str) -> Optional[str]:
+    """Topmost ancestor of `path` (or path itself) that other users cannot traverse."""
+    parts = path.strip("/").split("/")
+    cur = ""
+    for part in parts:
+        cur += "/" + part
+        try:
+            mode = os.stat(cur).st_mode
+        except OSError:
+            return None
+        if not mode & stat.S_IXOTH:
+            return cur
+    return None
+
+
+def _scrubbed_env(workdir: str) -> Dict[str, str]:
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "PYTHONHASHSEED": "0",           # ignored under -I; kept for child interpreters without it
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTHONIOENCODING": "utf-8",
+    }
+
+
+def _proc_stat(pid: int):
+    """(state, ppid, pgrp, session, real uid) of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        fields = data[data.rindex(b")") + 2:].split()
+        uid = -1
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    uid = int(line.split()[1])
+                    break
+        return fields[0].decode(), int(fields[1]), int(fields[2]), int(fields[3]), uid
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _matching_pids(session: Optional[int], uid: Optional[int]) -> List[int]:
+    """Live (non-zombie) processes in `session` (as session or group id) or owned by `uid`."""
+    me = os.getpid()
+    out = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if not name.isdigit() or int(name) == me:
+            continue
+        st = _proc_stat(int(name))
+        if st is None or st[0] in ("Z", "X"):
+            continue
+        if (session is not None and session in (st[2], st[3])) or (uid is not None and st[4] == uid):
+            out.append(int(name))
+    return out
+
+
+def _sweep(session: Optional[int], uid: Optional[int], deadline: float) -> None:
+    """SIGKILL everything in the sandbox's session/group (and of its uid) until nothing is left."""
+    while True:
+        pids = _matching_pids(session, uid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if time.monotonic() > deadline:
+            logger.error("sandbox: processes %s still alive after cleanup", pids)
+            return
+        time.sleep(0.005)
+
+
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until `pid` (our child) has exited, WITHOUT reaping it. False on timeout."""
+    deadline = time.monotonic() + max(0.0, timeout)
+    pidfd = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            pidfd = None
+    if pidfd is not None:
+        try:
+            poller = select.poll()
+            poller.register(pidfd, select.POLLIN)
+            return bool(poller.poll(max(0.0, timeout) * 1000.0))
+        finally:
+            os.close(pidfd)
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
+def _read_output(f) -> str:
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(0)
+    if size <= MAX_OUTPUT_BYTES:
+        data = f.read()
+    else:
+        head = f.read(MAX_OUTPUT_BYTES // 4)
+        f.seek(size - (MAX_OUTPUT_BYTES - len(head)))
+        tail = f.read()
+        data = head + b"\n...[%d bytes truncated]...\n" % (size - len(head) - len(tail)) + tail
+    return data.decode("utf-8", errors="replace")
+
+
+def _count_user_processes(uid: int) -> int:
+    return sum(1 for name in os.listdir("/proc")
+               if name.isdigit() and (_proc_stat(int(name)) or (0, 0, 0, 0, -1))[4] == uid)
+
+
+def _pick_uid() -> int:
+    lo, hi = _SANDBOX_UID_RANGE
+    while True:
+        uid = lo + secrets.randbelow(hi - lo)
+        if not _matching_pids(None, uid):
+            return uid
+
+
+# --------------------------------------------------------------------------- sandbox selection
+
+def _bwrap_path() -> Optional[str]:
+    return shutil.which("bwrap")
+
+
+@functools.lru_cache(maxsize=None)
+def _rlimits_uid_drop_works() -> bool:
+    """Root only: can the interpreter run under an unprivileged uid (without bwrap)?"""
+    if not _is_root():
+        return False
+    try:
+        res = _execute("import json, encodings\nprint('sandbox-ok')", 20.0, 512, "rlimits",
+                       drop_uid=True)
+    except Exception as exc:  # pragma: no cover - defensive
+        logger.debug("uid drop probe failed: %r", exc)
+        return False
+    return res.passed and "sandbox-ok" in res.stdout
+
+
+@functools.lru_cache(maxsize=None)
+def _bwrap_works() -> bool:
+    if _bwrap_path() is None:
+        return False
+    try:
+        res = _execute("print('sandbox-ok')", 20.0, 512, "bwrap")
+    except Exception as exc:  # pragma: no cover - defensive
+        logger.debug("bwrap probe failed: %r", exc)
+        return False
+    if not (res.passed and "sandbox-ok" in res.stdout):
+        logger.debug("bwrap probe failed: rc=%s stderr=%s", res.returncode, res.stderr)
+        return False
+    return True
+
+
+def available_sandboxes() -> List[str]:
+    """Sandboxes usable on this machine, strongest first ("rlimits" is always there)."""
+    return (["bwrap"] if _bwrap_works() else []) + ["rlimits"]
+
+
+_warned = False
+
+
+def sandbox_kind() -> str:
+    """The sandbox check_program uses by default: "bwrap", or "rlimits" (weaker; warns once)."""
+    global _warned
+    if _bwrap_works():
+        return "bwrap"
+    if not _warned:
+        _warned = True
+        why = "not installed" if _bwrap_path() is None else "installed but not working here"
+        msg = (f"codegen.execution: bubblewrap (bwrap) is {why}; generated code runs with "
+               "resource limits and in-process audit hooks only, which do NOT isolate the file "
+               "system or the network reliably. Install bubblewrap for real sandboxing.")
+        logger.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return "rlimits"
+
+
+# --------------------------------------------------------------------------- running
+
+def _expose(cmd: List[str], top: str, dirs: Sequence[str], bind: str = "--ro-bind") -> None:
+    """After `top` was covered by a fresh tmpfs: bind `dirs` (below it) back (read-only by
+    default), with world-traversable intermediate directories (bwrap would make them 0700)."""
+    for d in dirs:
+        cur = top
+        for part in d[len(top):].strip("/").split("/")[:-1]:
+            cur += "/" + part
+            cmd += ["--perms", "0755", "--dir", cur]
+        cmd += [bind, d, d]
+
+
+def _bwrap_command(workdir: str, uid: int, launcher_args: Sequence[str]) -> List[str]:
+    cmd = [_bwrap_path() or "bwrap", "--ro-bind", "/", "/"]
+    if uid >= 0:
+        # The program runs as an unprivileged uid: make the interpreter reachable for it by
+        # hiding untraversable ancestors (e.g. a 0700 /root) behind a tmpfs and binding back
+        # just the interpreter's directories.
+        hidden: Dict[str, List[str]] = {}
+        for d in _python_dirs():
+            top = _hidden_ancestor(d)
+            if top is not None:
+                hidden.setdefault(top, []).append(d)
+        for top, dirs in sorted(hidden.items()):
+            cmd += ["--perms", "0755", "--tmpfs", top]
+            _expose(cmd, top, dirs)
+    cmd += ["--perms", "0755", "--tmpfs", "/tmp"]
+    if workdir.startswith("/tmp/"):
+        _expose(cmd, "/tmp", [workdir], bind="--bind")
+    else:
+        cmd += ["--bind", workdir, workdir]
+    # an interpreter (e.g. a venv) living under /tmp stays visible
+    _expose(cmd, "/tmp", [d for d in _python_dirs() if d.startswith("/tmp/")])
+    cmd += [
+        "--remount-ro", "/tmp",
+        "--dev", "/dev",
+        "--proc", "/proc",
+        "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+        "--unshare-cgroup-try",
+        "--die-with-parent", "--new-session",
+        "--chdir", "/",
+    ]
+    if _is_root():
+        # No user namespace (root inside one is still exempt from RLIMIT_NPROC); the launcher
+        # only needs the capabilities to switch to the sandbox uid.
+        cmd += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        cmd += ["--unshare-user"]
+    return cmd + ["--"] + list(launcher_args)
+
+
+def _execute(program: str, timeout: float, memory_mb: int, kind: str,
+             drop_uid: Optional[bool] = None) -> ExecResult:
+    if drop_uid is None:
+        drop_uid = _is_root() and (kind == "bwrap" or _rlimits_uid_drop_works())
+    uid = _pick_uid() if drop_uid else -1
+    python = _python()
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix="codegen-exec-"))
+    proc = None
+    start = time.monotonic()
+    timed_out = False
+    try:
+        prog_path = os.path.join(workdir, PROGRAM_NAME)
+        with open(prog_path, "w", encoding="utf-8") as f:
+            f.write(program)
+        target = prog_path
+        if kind == "rlimits":
+            target = os.path.join(workdir, RUNNER_NAME)
+            with open(target, "w", encoding="utf-8") as f:
+                f.write(_RUNNER.format(workdir=workdir, program=prog_path,
+                                       fork_budget=FORK_BUDGET))
+        for name in os.listdir(workdir):
+            os.chmod(os.path.join(workdir, name), 0o644)
+        if uid >= 0:
+            os.chown(workdir, uid, uid)
+            nproc = NPROC_MARGIN
+        else:
+            nproc = _count_user_processes(os.getuid()) + NPROC_MARGIN
+        launcher = [python, "-I", "-S", "-c", _LAUNCHER,
+                    str(math.ceil(timeout) + 1), str(int(memory_mb) * 1024**2),
+                    str(FILE_SIZE_LIMIT), str(nproc), str(uid), workdir,
+                    python, "-I", "-B", "-u", target]
+        argv = _bwrap_command(workdir, uid, launcher) if kind == "bwrap" else launcher
+
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            start = time.monotonic()
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    cwd=workdir, env=_scrubbed_env(workdir),
+                                    start_new_session=True, close_fds=True)
+            try:
+                if not _wait_exit(proc.pid, timeout):
+                    timed_out = True
+            finally:
+                # The leader is dead (or about to be) but not yet reaped, so its pid, group and
+                # session ids cannot be reused: kill everything that is left, then reap.
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                _sweep(proc.pid, uid if uid >= 0 else None, time.monotonic() + 5.0)
+                returncode = proc.wait()
+                duration = time.monotonic() - start
+            stdout, stderr = _read_output(out), _read_output(err)
+        if uid >= 0:
+            _sweep(None, uid, time.monotonic() + 5.0)
+    finally:
+        if proc is not None and proc.returncode is None:  # only on unexpected errors
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    cpu_killed = returncode in tuple(-s for s in _TIMEOUT_SIGNALS) + tuple(128 + s for s in _TIMEOUT_SIGNALS)
+    if timed_out or cpu_killed:
+        status = "timeout"
+    elif returncode == 0:
+        status = "passed"
+    else:
+        status = "failed"
+    return ExecResult(status=status, returncode=returncode, stdout=stdout, stderr=stderr,
+                      duration=duration, sandbox=kind, workdir=workdir)
+
+
+def check_program(program: str, timeout: float = 5.0, memory_mb: int = 1024,
+                  sandbox: Optional[str] = None) -> ExecResult:
+    """Run `program` as a Python script in a fresh sandboxed process.
+
+    status is "passed" (exit code 0), "failed" (non-zero exit, e.g. an exception, a failed
+    assert, a syntax error, a sandbox refusal) or "timeout" (ran past `timeout` wall-clock
+    seconds or its CPU-time limit). `sandbox` forces "bwrap" or "rlimits"; default: sandbox_kind().
+    """
+    if not isinstance(program, str):
+        raise TypeError(f"program must be a str, not {type(program).__name__}")
+    if timeout <= 0:
+        raise ValueError("timeout must be positive")
+    if memory_mb <= 0:
+        raise ValueError("memory_mb must be positive")
+    if sandbox is None:
+        sandbox = sandbox_kind()
+    elif sandbox not in SANDBOXES:
+        raise ValueError(f"unknown sandbox {sandbox!r}; expected one of {SANDBOXES}")
+    elif sandbox == "bwrap" and not _bwrap_works():
+        raise RuntimeError("the bwrap sandbox is not available on this machine")
+    return _execute(program, float(timeout), int(memory_mb), sandbox)
+
+
+def run_tests(program: str, test: str, entry_point: str, timeout: float = 5.0,
+              memory_mb: int = 1024, sandbox: Optional[str] = None) -> ExecResult:
+    """HumanEval-style functional check: program, then the test code, then check(entry_point)."""
+    check = program + "\n" + test + f"\ncheck({entry_point})\n"
+    return check_program(check, timeout=timeout, memory_mb=memory_mb, sandbox=sandbox)

