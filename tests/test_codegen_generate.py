@@ -1,0 +1,284 @@
+"""codegen.generate: where completions stop, nucleus sampling, streamed KV-cache decoding, and the
+code_generate command line on a tiny synthetic checkpoint."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from codegen.generate import _TopLevelScanner, complete, generate_completions, sample_top_p, stop_at_top_level
+from config import LlamaConfig
+from conftest import ROOT, asset_path
+from helpers import save_stories_pt
+from llama import Llama
+
+BODY = "    return x\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# stop_at_top_level
+
+
+@pytest.mark.parametrize("text, expected", [
+    (BODY + "\ndef g():\n    pass\n", BODY + "\n"),
+    (BODY + "class A:\n    pass\n", BODY),
+    (BODY + 'if __name__ == "__main__":\n    main()\n', BODY),
+    (BODY + "@decorator\ndef h():\n    pass\n", BODY),
+    (BODY + "print(f(1))\n", BODY),  # any unindented code
+    (BODY + "# a comment at column 0\n", BODY),
+    (BODY + "x", BODY),  # decided as soon as the first character of the line is there
+    ("def g():\n    pass\n", ""),  # the continuation starts a new statement at once
+    ("", ""),
+    # not a stop: the body goes on, or the column-0 line is inside a string, brackets, a continuation
+    (BODY + "   \n\t\n\n    y = 1\n", None),
+    (BODY + "\n", None),
+    ('    s = """\ndef not_a_stop():\n"""\n    return s\ndef g(): pass\n', '    s = """\ndef not_a_stop():\n"""\n    return s\n'),
+    ("    s = '''\nx\n'''\n    t = 'a\\'b'\nz = 1\n", "    s = '''\nx\n'''\n    t = 'a\\'b'\n"),
+    ("    x = [\n1,\n2,\n]\n    return x\nz = 1\n", "    x = [\n1,\n2,\n]\n    return x\n"),
+    ("    x = 1 + \\\n2\n    return x\nz = 1\n", "    x = 1 + \\\n2\n    return x\n"),
+    ('    s = "(["  # ([ in a string and a comment\n    return s\nz\n', '    s = "(["  # ([ in a string and a comment\n    return s\n'),
+])
+def test_stop_at_top_level(text, expected):
+    assert stop_at_top_level(text) == (text if expected is None else expected)
+
+
+def test_stop_at_top_level_after_a_prompt():
+    prompt = 'def f(x):\n    """Doc."""\n'
+    assert stop_at_top_level(BODY + "def g(): pass", prompt) == BODY
+    # a prompt without a final newline: the first line of the text continues the prompt's last line
+    assert stop_at_top_level("def g", prompt.rstrip("\n")) == "def g"
+    assert stop_at_top_level("\n" + BODY + "def g", prompt.rstrip("\n")) == "\n" + BODY
+    # the prompt leaves a bracket open: column 0 inside it is no stop
+    assert stop_at_top_level("1,\n2)\ndef g", "def f():\n    return (") == "1,\n2)\n"
+    # HumanEval-style prompts hold top-level code of their own: only the continuation counts
+    assert stop_at_top_level(BODY, "import math\n\n\ndef f(x):\n    '''Doc.'''\n") == BODY
+
+
+@pytest.mark.parametrize("text", [
+    BODY + "\ndef g():\n    pass\n",
+    '    s = """\ndef not_a_stop():\n"""\n    return s\ndef g(): pass\n',
+    "    x = 1 + \\\n2\n    y = [\n3]\n    return x\n@dec\n",
+    "    t = 'a\\'b'  # comment (\n    return t\n",
+])
+def test_incremental_scanning_agrees_with_one_shot(text):
+    """complete() feeds the scanner ever longer text: it must cut exactly where the one-shot call does."""
+    for prompt in ("", "def f(x):\n"):
+        scanner = _TopLevelScanner(prompt)
+        cut = None
+        for end in range(len(text) + 1):
+            cut = scanner.cut(text[:end])
+            if cut is not None:
+                break
+        assert (text if cut is None else text[:cut]) == stop_at_top_level(text, prompt)
+
+
+# ----------------------------------------------------------------------------------------------
+# sample_top_p
+
+
+def nucleus(probs: torch.Tensor, p: float) -> set:
+    """The smallest set of most likely tokens whose probability reaches p, computed independently."""
+    order = sorted(range(len(probs)), key=lambda i: -float(probs[i]))
+    kept, mass = set(), 0.0
+    for i in order:
+        kept.add(i)
+        mass += float(probs[i])
+        if mass >= p:
+            break
+    return kept
+
+
+@pytest.mark.parametrize("p, temperature", [(0.5, 1.0), (0.9, 1.0), (0.95, 0.8), (0.3, 2.0)])
+def test_top_p_never_samples_outside_the_nucleus(p, temperature):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    generator = torch.Generator().manual_seed(1)
+    allowed = [nucleus(torch.softmax(row / temperature, -1), p) for row in logits]
+    seen = [set() for _ in logits]
+    for _ in range(5):  # 5 x 200 draws per row: each call samples a batch of 200 copies of every row
+        tokens = sample_top_p(logits.repeat(200, 1), p, temperature, generator)
+        assert tokens.shape == (800, 1)
+        for i, token in enumerate(tokens[:, 0].tolist()):
+            row = i % len(logits)
+            assert token in allowed[row]
+            seen[row].add(token)
+    for row in range(len(logits)):  # it does sample within the nucleus, not just take the argmax
+        assert len(seen[row]) > 1 or len(allowed[row]) == 1
+
+
+def test_top_p_frequencies_follow_the_renormalised_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    draws = sample_top_p(logits.expand(4000, -1), 0.8, 1.0, generator)[:, 0]
+    assert set(draws.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.8
+    assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.04
+
+
+def test_top_p_near_zero_or_greedy_is_the_argmax():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 100)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert torch.equal(sample_top_p(logits, 1e-9, 1.0, generator), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_top_p(logits, 0.0, 1.0, generator), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_top_p(logits, 0.9, 0.0, generator), logits.argmax(-1, keepdim=True))
+    assert sample_top_p(logits[0], 1e-9).shape == (1,)
+    with pytest.raises(ValueError):
+        sample_top_p(logits, 1.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# complete() on a tiny random model with the real tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from codegen.common import CodeTokenizer
+
+    return CodeTokenizer(str(asset_path("tokenizer.model")))
+
+
+def tiny_code_model(seed=0, max_seq_len=512):
+    torch.manual_seed(seed)
+    return Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=8,
+                             max_seq_len=max_seq_len)).eval()
+
+
+PROMPT = 'def add(a, b):\n    """Return the sum of a and b."""'  # no final newline: no stop on the first line
+
+
+def continuation(tokenizer, prompt_ids, new_ids):
+    return tokenizer.decode(prompt_ids + new_ids)[len(tokenizer.decode(prompt_ids)):]
+
+
+def test_greedy_complete_equals_model_generate(tokenizer):
+    model = tiny_code_model()
+    deltas = []
+    text = complete(model, tokenizer, PROMPT, max_new_tokens=30, on_text=deltas.append)
+    ids = tokenizer.encode(PROMPT, bos=True, eos=False)
+    out = model.generate(torch.tensor([ids]), 30, temperature=0.0)[0, len(ids):].tolist()
+    if tokenizer.eos_id in out:
+        out = out[: out.index(tokenizer.eos_id)]
+    assert text == stop_at_top_level(continuation(tokenizer, ids, out), PROMPT)
+    assert text  # a random model still writes something here
+    assert "".join(deltas) == text and len(deltas) > 1  # streamed in pieces, as produced
+
+
+class ScriptedModel(torch.nn.Module):
+    """Emits a fixed token sequence (then EOS), through the same KV-cache calls as a Llama."""
+
+    def __init__(self, script, eos_id, vocab_size=32000):
+        super().__init__()
+        self.config = LlamaConfig(dim=8, n_layers=1, n_heads=2, vocab_size=vocab_size, multiple_of=8, max_seq_len=512)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.script, self.eos_id, self.steps = list(script), eos_id, 0
+
+    def forward(self, tokens, cache=None):
+        token = self.script[self.steps] if self.steps < len(self.script) else self.eos_id
+        self.steps += 1
+        cache.length += tokens.shape[1]
+        logits = torch.zeros(tokens.shape[0], 1, self.config.vocab_size)
+        logits[:, :, token] = 1.0
+        return logits, None
+
+
+def test_complete_stops_at_a_new_top_level_statement(tokenizer):
+    prompt = 'def f(x):\n    """Identity."""\n'
+    rest = "    if x:\n        return x\n    return None\n\n\ndef g():\n    return 1\n"
+    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+    script = tokenizer.encode(prompt + rest, bos=True, eos=False)[len(prompt_ids):]
+    model = ScriptedModel(script, tokenizer.eos_id)
+    deltas = []
+    text = complete(model, tokenizer, prompt, max_new_tokens=200, on_text=deltas.append)
+    assert text == stop_at_top_level(continuation(tokenizer, prompt_ids, script), prompt)
+    assert "return None" in text and "def g" not in text and text.endswith("\n\n\n")
+    assert "".join(deltas) == text
+    assert model.steps < len(script)  # it stopped early, at the `def g` line
+    result = generate_completions(ScriptedModel(script, tokenizer.eos_id), tokenizer, prompt, max_new_tokens=200)[0]
+    assert result.stop_reason == "top_level" and result.text == text
+
+
+def test_complete_stops_at_eos_and_after_max_new_tokens(tokenizer):
+    prompt = "def f(x):\n"
+    script = tokenizer.encode(prompt + "    return x", bos=True, eos=False)[len(tokenizer.encode(prompt, True, False)):]
+    result = generate_completions(ScriptedModel(script, tokenizer.eos_id), tokenizer, prompt, max_new_tokens=50)[0]
+    assert result.stop_reason == "eos" and result.text.strip() == "return x"
+    assert result.tokens == len(script) + 1
+    result = generate_completions(ScriptedModel(script, tokenizer.eos_id), tokenizer, prompt, max_new_tokens=2)[0]
+    assert result.stop_reason == "length" and result.tokens == 2
+    assert generate_completions(ScriptedModel(script, tokenizer.eos_id), tokenizer, prompt, max_new_tokens=0)[0].text == ""
+
+
+def test_sampled_batch_is_reproducible_and_rows_differ(tokenizer):
+    model = tiny_code_model()
+
+    def sample(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return [c.text for c in generate_completions(model, tokenizer, PROMPT, n=4, max_new_tokens=12,
+                                                      temperature=1.0, top_p=0.95, generator=generator)]
+
+    first = sample(0)
+    assert first == sample(0)
+    assert len(set(first)) > 1
+    epsilon = complete(model, tokenizer, PROMPT, max_new_tokens=12, temperature=1.0,
+                       generator=torch.Generator().manual_seed(0))
+    assert isinstance(epsilon, str)
+
+
+def test_long_prompts_are_truncated_to_fit(tokenizer):
+    model = tiny_code_model(max_seq_len=96)
+    prompt = "def f():\n" + "    x = 1\n" * 100  # far more than max_seq_len=96 tokens
+    result = generate_completions(model, tokenizer, prompt, max_new_tokens=400)[0]
+    assert result.prompt_tokens == 96 - 48  # generation gets half the context
+    assert result.tokens <= 48
+    short = generate_completions(model, tokenizer, "def f():", max_new_tokens=400)[0]
+    assert short.prompt_tokens == len(tokenizer.encode("def f():", bos=True, eos=False)) and short.tokens <= 96
+
+
+def test_bad_settings_raise(tokenizer):
+    model = tiny_code_model()
+    for kwargs in ({"temperature": -1.0}, {"top_p": 1.5}, {"max_new_tokens": -1}):
+        with pytest.raises(ValueError):
+            complete(model, tokenizer, PROMPT, **kwargs)
+    with pytest.raises(ValueError):
+        generate_completions(model, tokenizer, PROMPT, n=2, on_text=print)
+
+
+# ----------------------------------------------------------------------------------------------
+# python run_llama.py --option code_generate
+
+
+def run_cli(cwd, *args, stdin=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "run_llama.py"), "--option", "code_generate", *args],
+                          cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def test_code_generate_cli(tmp_path, tokenizer):
+    model = tiny_code_model(seed=3)
+    save_stories_pt(model, tmp_path / "tiny.pt")
+    tok = str(asset_path("tokenizer.model"))
+    result = run_cli(tmp_path, "--pretrained-model-path", "tiny.pt", "--tokenizer", tok, "--prompt", PROMPT,
+                     "--max_new_tokens", "16")
+    assert result.returncode == 0, result.stderr
+    from codegen.common import load_code_model
+
+    loaded, code_tokenizer = load_code_model(tmp_path / "tiny.pt", "cpu", tok)
+    expected = complete(loaded, code_tokenizer, PROMPT, max_new_tokens=16)
+    assert expected and result.stdout.rstrip("\n") == expected.rstrip("\n")
+    assert "tokens in" in result.stderr
+
+    sampled = run_cli(tmp_path, "--pretrained-model-path", "tiny.pt", "--tokenizer", tok, "--prompt", "-",
+                      "--max_new_tokens", "8", "--temperature", "0.8", "--top_p", "0.95", "--echo_prompt",
+                      stdin=PROMPT)
+    assert sampled.returncode == 0, sampled.stderr
+    assert sampled.stdout.startswith(PROMPT)
+
+
+def test_code_generate_cli_missing_checkpoint(tmp_path):
+    result = run_cli(tmp_path, "--pretrained-model-path", "missing.pt", "--prompt", "def f():\n")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "missing.pt" in lines[0]
+    assert result.stdout == ""

@@ -1,0 +1,168 @@
+"""codegen.serve: the local web server, run in a thread and spoken to over real HTTP with urllib."""
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from codegen.serve import (_host_header_is_loopback, is_loopback_host, make_server, parse_request, RequestError)
+from config import LlamaConfig
+from conftest import asset_path
+from llama import Llama
+
+LIMIT = 8
+
+
+@pytest.fixture(scope="module")
+def server():
+    from codegen.common import CodeTokenizer
+
+    tokenizer = CodeTokenizer(str(asset_path("tokenizer.model")))
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=8,
+                              max_seq_len=512)).eval()
+    srv = make_server(model, tokenizer, "127.0.0.1", 0, max_new_tokens_limit=LIMIT, max_request_bytes=4096, quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def request(srv, path, body=None, headers=None, method=None):
+    """(status, headers, body bytes) of one request; HTTP errors are returned, not raised."""
+    headers = {"Content-Type": "application/json", **(headers or {})} if body is not None else dict(headers or {})
+    req = urllib.request.Request(srv.url.rstrip("/") + path, data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def post(srv, payload, **kwargs):
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return request(srv, "/generate", body, **kwargs)
+
+
+def test_url_uses_the_picked_port(server):
+    assert server.url.startswith("http://127.0.0.1:") and server.server_address[1] != 0
+
+
+def test_page_has_the_form(server):
+    status, headers, body = request(server, "/")
+    page = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    for needle in ("<textarea", 'id="max_new_tokens"', 'id="temperature"', 'id="top_p"', "Generate", "<pre",
+                   "/generate", "<script>"):
+        assert needle in page
+    assert "innerHTML" not in page  # results are set with textContent: HTML in them stays escaped
+    assert "&quot;&quot;&quot;" in page.split("<textarea")[1].split("</textarea>")[0]  # the default prompt, escaped
+    assert "script-src 'sha256-" in headers["Content-Security-Policy"]
+    assert request(server, "/health")[:3:2] == (200, b'{"ok": true}')
+    assert request(server, "/nope")[0] == 404
+
+
+def test_generate_returns_json(server):
+    status, headers, body = post(server, {"prompt": 'def add(a, b):\n    """Add."""', "max_new_tokens": 5,
+                                          "temperature": 0.0, "top_p": None})
+    assert status == 200 and headers["Content-Type"].startswith("application/json")
+    data = json.loads(body)
+    assert isinstance(data["completion"], str) and 1 <= data["tokens"] <= 5 and data["seconds"] >= 0
+    # greedy is deterministic; sampling with top_p works too
+    assert json.loads(post(server, {"prompt": 'def add(a, b):\n    """Add."""', "max_new_tokens": 5})[2]) \
+        ["completion"] == data["completion"]
+    status, _, body = post(server, {"prompt": "def f():", "max_new_tokens": 3, "temperature": 0.8, "top_p": 0.9})
+    assert status == 200 and json.loads(body)["tokens"] <= 3
+
+
+def test_generation_length_is_clamped(server):
+    status, _, body = post(server, {"prompt": "def f(x):", "max_new_tokens": 10_000})
+    data = json.loads(body)
+    assert status == 200 and data["max_new_tokens"] == LIMIT and data["tokens"] <= LIMIT
+
+
+def test_oversized_body_is_413(server):
+    status, _, body = post(server, {"prompt": "x" * 5000})
+    assert status == 413 and "limit" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("payload", [
+    b"{not json",
+    b"\xff\xfe",
+    b"[1, 2]",
+    {"max_new_tokens": 5},
+    {"prompt": 42},
+    {"prompt": ""},
+    {"prompt": "def f():", "max_new_tokens": "5"},
+    {"prompt": "def f():", "max_new_tokens": True},
+    {"prompt": "def f():", "max_new_tokens": 0},
+    {"prompt": "def f():", "temperature": "hot"},
+    {"prompt": "def f():", "temperature": -1},
+    {"prompt": "def f():", "top_p": 1.5},
+    {"prompt": "def f():", "extra": 1},
+])
+def test_bad_requests_are_400_with_a_json_error(server, payload):
+    status, headers, body = post(server, payload)
+    assert status == 400 and headers["Content-Type"].startswith("application/json")
+    assert json.loads(body)["error"]
+
+
+def test_other_request_errors(server):
+    assert post(server, {"prompt": "def f():"}, headers={"Content-Type": "text/plain"})[0] == 415
+    assert post(server, {"prompt": "def f():"}, headers={"Host": "attacker.example:8000"})[0] == 403  # DNS rebinding
+    assert request(server, "/", headers={"Host": "localhost:1234"})[0] == 200
+
+
+def test_concurrent_requests_are_serialised(server, monkeypatch):
+    results, inside, most = [], [0], [0]
+    forward = server.model.forward
+
+    def counting_forward(*args, **kwargs):  # how many requests are in the model at once
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(server.model, "forward", counting_forward)
+
+    def worker():
+        results.append(post(server, {"prompt": "def g(y):", "max_new_tokens": 4})[0])
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [200] * 4 and most[0] == 1
+
+
+def test_parse_request_defaults():
+    settings = parse_request(b'{"prompt": "def f():"}', limit=16, default_tokens=8)
+    assert settings == {"prompt": "def f():", "max_new_tokens": 8, "temperature": 0.0, "top_p": None}
+    with pytest.raises(RequestError):
+        parse_request(b'{"prompt": "x", "temperature": NaN}', 16, 8)
+
+
+def test_non_loopback_hosts_are_refused():
+    assert is_loopback_host("127.0.0.1") and is_loopback_host("::1") and is_loopback_host("localhost")
+    for host in ("0.0.0.0", "", "192.168.1.10", "::", "example.invalid"):
+        assert not is_loopback_host(host)
+    with pytest.raises(ValueError, match="allow-remote"):
+        make_server(None, None, "0.0.0.0", 0)
+    assert _host_header_is_loopback("127.0.0.1:80") and _host_header_is_loopback("[::1]:80")
+    assert not _host_header_is_loopback("evil.example") and not _host_header_is_loopback("10.0.0.1:80")
+
+
+def test_serve_cli_refuses_a_public_host(capsys):
+    from codegen.cli import main
+
+    assert main(["--option", "serve", "--host", "0.0.0.0", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--allow-remote" in err and len(err.strip().splitlines()) == 1
