@@ -32,3 +32,14 @@ def asset_path(name):
     if path is None:
         pytest.skip(f"asset {name!r} not found in {[str(d) for d in asset_dirs()]}; run `bash setup.sh`")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Two noisy cores: one torch thread is faster and steadier for the tiny models of the tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

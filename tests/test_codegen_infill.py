@@ -19,13 +19,7 @@ MIDDLE = "    a = w * h\n"
 SUFFIX = "    return a\n"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two noisy cores: one thread is faster and steadier for these tiny models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

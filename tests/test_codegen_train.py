@@ -30,13 +30,7 @@ SUMMARY_FIELDS = {"mode", "trainable_parameters", "total_parameters", "peak_memo
                   "time_per_epoch_s", "best_valid_loss", "best_step", "chrf", "steps", "sentinels"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two noisy cores: one thread is faster and steadier for these tiny models."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_pairs(n=50):
