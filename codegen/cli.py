@@ -12,7 +12,8 @@ OPTIONS = {
 
 
 def main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="run_llama.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="run_llama.py", description=__doc__, add_help=False)
+    parser.add_argument("-h", "--help", action="store_true")  # answered once the option's flags are in
     parser.add_argument("--option", choices=sorted(OPTIONS), required=True)
     parser.add_argument("--pretrained-model-path", default="stories42M.pt")
     parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: tokenizer.model)")
@@ -21,4 +22,8 @@ def main(argv) -> int:
     option = parser.parse_known_args(argv)[0].option
     module = importlib.import_module(OPTIONS[option])
     module.add_arguments(parser)
-    return module.run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if args.help:
+        parser.print_help()
+        return 0
+    return module.run(args)
