@@ -1,0 +1,33 @@
+"""bench/decode.py runs end to end: a tiny smoke run whose last output line is the JSON summary."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_decode_bench_tiny_json():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "decode.py"), "--tiny", "--json", "--threads", "1",
+                           "--no-hf"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert "no cache (reference)" in proc.stdout and "speed-up" in proc.stdout  # the table came first
+    rows = result["results"]
+    assert {r["batch"] for r in rows} == {1, 4}
+    assert {r["variant"] for r in rows} >= {"no cache (reference)", "KV cache", "KV cache + sdpa"}
+    for row in rows:
+        assert row["tok_per_s"] > 0 and row["timed_tokens"] == row["new_tokens"] == 16
+        assert row["same_tokens"] == "yes", row  # cache, sdpa and reference agree on greedy tokens
+    assert all(r["speedup"] == 1.0 for r in rows if r["variant"] == "no cache (reference)")
+
+
+def test_decode_bench_reference_tokens_note():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "decode.py"), "--tiny", "--json", "--threads", "1",
+                           "--no-hf", "--batch_sizes", "2", "--reference-tokens", "4"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    reference = [r for r in result["results"] if r["variant"] == "no cache (reference)"]
+    assert [r["timed_tokens"] for r in reference] == [4]
+    assert any("first 4 of 16" in note for note in result["notes"])

@@ -1,0 +1,346 @@
+"""Llama.generate: the KV cache changes speed, never tokens. Cached greedy decoding equals the
+readable no-cache reference (use_cache=False) for single prompts, equal-length batches and
+batches padded on either side; plus EOS handling, sampling rules, the sdpa fast path and
+the max_seq_len limits."""
+import math
+
+import pytest
+import torch
+
+from conftest import asset_path
+from helpers import tiny_model
+from llama import KVCache, attention_mask, left_align, load_pretrained, sample_next
+
+VOCAB = 64  # tiny_config's vocab_size
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine every OpenMP region
+    of a tiny op can wait a whole scheduler slice for the second thread (100x slower steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def lively_model(seed=0, gain=2.0, **overrides):
+    """tiny_model with weights of std gain / sqrt(fan_in). At the default init (std 0.02, output
+    tied to the embedding) an untrained model just repeats its last prompt token, so every
+    decoding variant would agree trivially; these weights give varied greedy continuations."""
+    model = tiny_model(seed, **overrides)
+    generator = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * gain / math.sqrt(p.shape[1]))
+    return model
+
+
+def prompts(seed, batch, length, vocab=VOCAB):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, idx, n, **kwargs):
+    return model.generate(idx, n, temperature=0.0, **kwargs)
+
+
+def padded_batch(rows, side, pad_token=0):
+    """Stack prompts of different lengths, padded on the left or right, with their prompt_mask."""
+    width = max(len(r) for r in rows)
+    idx = torch.full((len(rows), width), pad_token, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        idx[i, cols], mask[i, cols] = row, True
+    return idx, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache == no-cache reference
+
+
+@pytest.mark.parametrize("seed,length", [(0, 1), (1, 5), (2, 17)])
+def test_cached_equals_uncached_batch_of_one(seed, length):
+    model = lively_model(seed)
+    idx = prompts(seed, 1, length)
+    cached, uncached = greedy(model, idx, 30), greedy(model, idx, 30, use_cache=False)
+    assert cached.shape == (1, length + 30)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached[:, :length], idx)
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])  # multi-head, grouped-query, multi-query
+def test_cached_equals_uncached_equal_length_batch(n_kv_heads):
+    model = lively_model(n_kv_heads=n_kv_heads)
+    idx = prompts(3, 4, 9)
+    cached = greedy(model, idx, 25)
+    assert torch.equal(cached, greedy(model, idx, 25, use_cache=False))
+    for row in range(4):  # rows of a batch do not interact
+        assert torch.equal(cached[row], greedy(model, idx[row : row + 1], 25)[0])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_padded_prompts_equal_each_row_alone(side, use_cache):
+    model = lively_model()
+    rows = [prompts(10 + i, 1, n)[0] for i, n in enumerate([3, 11, 1, 7])]
+    idx, mask = padded_batch(rows, side)
+    out = greedy(model, idx, 20, prompt_mask=mask, use_cache=use_cache)
+    width = idx.shape[1]
+    assert out.shape == (4, width + 20)
+    for i, row in enumerate(rows):
+        alone = greedy(model, row[None], 20)
+        assert out[i, width:].tolist() == alone[0, len(row):].tolist(), f"row {i}"
+        assert out[i, width - len(row) : width].tolist() == row.tolist()  # prompts come back left-padded
+
+
+def test_padding_side_and_pad_token_do_not_matter():
+    model = lively_model()
+    rows = [prompts(20, 1, 6)[0], prompts(21, 1, 2)[0]]
+    left, left_mask = padded_batch(rows, "left", pad_token=5)
+    right, right_mask = padded_batch(rows, "right", pad_token=63)
+    expected = greedy(model, left, 15, prompt_mask=left_mask)[:, 6:]
+    assert torch.equal(greedy(model, right, 15, prompt_mask=right_mask)[:, 6:], expected)
+    assert torch.equal(greedy(model, right, 15, prompt_mask=right_mask, use_cache=False)[:, 6:], expected)
+
+
+def test_all_true_prompt_mask_equals_no_mask():
+    model = lively_model()
+    idx = prompts(4, 3, 8)
+    expected = greedy(model, idx, 12)
+    assert torch.equal(greedy(model, idx, 12, prompt_mask=torch.ones_like(idx, dtype=torch.bool)), expected)
+
+
+def test_cached_decode_logits_equal_full_forward():
+    """Step by step through the cache, each position's logits equal those of one full forward."""
+    model = lively_model()
+    tokens = prompts(5, 2, 20)
+    with torch.inference_mode():
+        full, _ = model(tokens, targets=tokens)
+        cache = KVCache(model.config, 2, 20)
+        logits, _ = model(tokens[:, :8], cache=cache)
+        steps = [logits]
+        for t in range(8, 20):
+            logits, _ = model(tokens[:, t : t + 1], cache=cache)
+            steps.append(logits)
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 7:], atol=1e-5, rtol=1e-5)
+
+
+def test_single_query_mask_equals_general_mask():
+    valid = torch.tensor([[False, True, True, True], [True, True, True, True], [False, False, False, True]])
+    general = attention_mask(valid, 4)[:, :, -1:]
+    assert torch.equal(attention_mask(valid, 1), general)
+    assert attention_mask(valid, 1).shape == (3, 1, 1, 4)
+
+
+def test_left_align():
+    idx = torch.tensor([[7, 8, 0, 0], [0, 5, 6, 0]])
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    aligned, valid = left_align(idx, mask)
+    assert aligned.tolist() == [[0, 0, 7, 8], [0, 0, 5, 6]]
+    assert valid.tolist() == [[False, False, True, True]] * 2
+    with pytest.raises(ValueError, match="real token"):
+        left_align(idx, torch.zeros_like(mask))
+
+
+def test_stories260k_cached_equals_uncached_padded_batch():
+    model = load_pretrained(asset_path("reference/stories260K.bin")).eval()
+    reference = torch.load(asset_path("reference/stories260K_reference.pt"), weights_only=True)
+    story = reference["greedy_from_bos"]
+    rows = [story[:1], story[:9], reference["tokens"][1, :5]]  # BOS alone, 9 and 5 tokens
+    idx, mask = padded_batch(rows, "right")
+    cached = greedy(model, idx, 40, prompt_mask=mask)
+    assert torch.equal(cached, greedy(model, idx, 40, prompt_mask=mask, use_cache=False))
+    width = idx.shape[1]
+    for i, row in enumerate(rows):
+        assert cached[i, width:].tolist() == greedy(model, row[None], 40)[0, len(row):].tolist(), f"row {i}"
+    # and the BOS row reproduces llama2.c's own greedy story
+    assert cached[0, width:].tolist() == story[1:41].tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# EOS
+
+
+def first_index(values, token):
+    hits = (values == token).nonzero()
+    return hits[0].item() if len(hits) else None
+
+
+def expected_with_eos(free, eos, n):
+    """What generate must return for the new tokens, given the tokens generated without eos_id."""
+    firsts = [first_index(row, eos) for row in free]
+    if all(f is not None for f in firsts):
+        n = max(firsts) + 1  # everyone finished: stop
+    rows = []
+    for row, f in zip(free, firsts):
+        row = row[:n].clone()
+        if f is not None:
+            row[f:] = eos
+        rows.append(row)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_eos_stops_each_row_and_then_all(use_cache):
+    model = lively_model()
+    idx = prompts(1, 3, 4)
+    n = 30
+    free = greedy(model, idx, n, use_cache=use_cache)[:, 4:]  # what each row says without an eos_id
+    rows = [set(row.tolist()) for row in free]
+    only_row0 = sorted(rows[0] - rows[1] - rows[2])
+    in_every_row = sorted(rows[0] & rows[1] & rows[2])
+    assert only_row0 and in_every_row, "test setup: pick other seeds"
+    # an eos that only row 0 emits: row 0 is filled with eos from then on, the others run on
+    eos = only_row0[0]
+    out = greedy(model, idx, n, eos_id=eos, use_cache=use_cache)
+    f = first_index(free[0], eos)
+    assert out.shape == (3, 4 + n)
+    assert torch.equal(out[0, 4 : 4 + f + 1], free[0, : f + 1]) and (out[0, 4 + f :] == eos).all()
+    assert torch.equal(out[1:, 4:], free[1:])
+    # an eos that every row emits: generation stops right after the last row's first eos
+    for eos in in_every_row:
+        out = greedy(model, idx, n, eos_id=eos, use_cache=use_cache)
+        last = max(first_index(row, eos) for row in free)
+        assert out.shape == (3, 4 + last + 1), f"eos {eos}"
+        assert torch.equal(out[:, 4:], expected_with_eos(free, eos, n)), f"eos {eos}"
+
+
+def test_eos_in_prompt_does_not_finish_the_row():
+    model = lively_model()
+    idx = prompts(7, 1, 6)
+    eos = idx[0, -1].item()
+    free = greedy(model, idx, 10)
+    out = greedy(model, idx, 10, eos_id=eos)
+    assert torch.equal(out[:, 6:], expected_with_eos(free[:, 6:], eos, 10))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_temperature_zero_is_argmax():
+    model = lively_model()
+    idx = prompts(8, 3, 7)
+    logits = torch.randn(5, 100)
+    assert torch.equal(sample_next(logits, 0.0), logits.argmax(-1, keepdim=True))
+    with torch.no_grad():
+        expected = model(idx)[0][:, -1].argmax(-1)
+    assert torch.equal(greedy(model, idx, 1)[:, -1], expected)
+
+
+def test_epsilon_sampling_never_emits_tokens_below_epsilon():
+    eps = 0.05
+    # probabilities 0.30 0.25 0.20 0.15 0.06 | 0.02 0.01 0.005 0.005 (below eps)
+    probs = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.06, 0.02, 0.01, 0.005, 0.005])
+    logits = probs.log().expand(20000, -1)
+    draws = sample_next(logits, 1.0, eps, generator=torch.Generator().manual_seed(0))
+    assert draws.shape == (20000, 1)
+    counts = torch.bincount(draws.flatten(), minlength=9)
+    assert counts[5:].sum() == 0  # never below epsilon
+    assert (counts[:5] > 0).all()  # every token at or above epsilon does appear
+    # the survivors are renormalised: frequencies follow 0.30 : 0.25 : 0.20 : 0.15 : 0.06
+    torch.testing.assert_close(counts[:5] / 20000, probs[:5] / probs[:5].sum(), atol=0.015, rtol=0)
+
+
+def test_epsilon_sampling_applies_after_temperature():
+    logits = torch.tensor([[2.0, 1.0, -3.0]]).expand(5000, -1)
+    hot = sample_next(logits, 10.0, 0.2, generator=torch.Generator().manual_seed(0))
+    assert set(hot.flatten().tolist()) == {0, 1, 2}  # at T=10 all three are above 0.2
+    cold = sample_next(logits, 0.5, 0.2, generator=torch.Generator().manual_seed(0))
+    assert set(cold.flatten().tolist()) == {0}  # at T=0.5 only the top token is
+
+
+@pytest.mark.parametrize("eps", [0.9, 1.0, 5.0])
+def test_epsilon_never_drops_the_most_likely_token(eps):
+    logits = torch.randn(1000, 50, generator=torch.Generator().manual_seed(1))
+    draws = sample_next(logits, 1.0, eps, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(draws, logits.argmax(-1, keepdim=True))
+
+
+def test_fixed_generator_seed_gives_identical_samples():
+    model = lively_model()
+    idx = prompts(9, 2, 5)
+
+    def sample(seed, **kwargs):
+        return model.generate(idx, 30, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+    assert torch.equal(sample(42), sample(42))
+    assert torch.equal(sample(42, use_cache=False), sample(42))
+    assert not torch.equal(sample(42), sample(43))
+    logits = torch.randn(4, 64)
+    a = sample_next(logits, 0.8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, sample_next(logits, 0.8, generator=torch.Generator().manual_seed(5)))
+
+
+# ----------------------------------------------------------------------------------------------
+# sdpa fast path
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_sdpa_matches_readable_attention(n_kv_heads):
+    model = lively_model(n_kv_heads=n_kv_heads)
+    rows = [prompts(30, 1, 9)[0], prompts(31, 1, 4)[0], prompts(32, 1, 1)[0]]
+    idx, mask = padded_batch(rows, "left")
+    tokens = prompts(33, 2, 24)
+    with torch.inference_mode():
+        readable = model(tokens, targets=tokens)[0]
+        readable_tokens = greedy(model, idx, 20, prompt_mask=mask)
+        readable_plain = greedy(model, tokens, 20)
+        model.set_sdpa(True)
+        fast = model(tokens, targets=tokens)[0]
+        fast_tokens = greedy(model, idx, 20, prompt_mask=mask)
+        fast_plain = greedy(model, tokens, 20)
+        model.set_sdpa(False)
+    torch.testing.assert_close(fast, readable, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast_tokens, readable_tokens)
+    assert torch.equal(fast_plain, readable_plain)
+
+
+def test_sdpa_cached_decode_logits_match_readable():
+    model = lively_model()
+    tokens = prompts(34, 3, 16)
+
+    def decode():
+        cache = KVCache(model.config, 3, 16)
+        out = [model(tokens[:, :6], cache=cache)[0]]
+        out += [model(tokens[:, t : t + 1], cache=cache)[0] for t in range(6, 16)]
+        return torch.cat(out, dim=1)
+
+    with torch.inference_mode():
+        readable = decode()
+        model.set_sdpa(True)
+        fast = decode()
+        model.set_sdpa(False)
+    torch.testing.assert_close(fast, readable, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# max_seq_len
+
+
+def test_cache_beyond_max_seq_len_raises_and_no_cache_slides():
+    model = lively_model()  # max_seq_len 64
+    idx = prompts(40, 1, 10)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        greedy(model, idx, 55)
+    assert greedy(model, idx, 54).shape == (1, 64)  # exactly full is fine
+    out = greedy(model, idx, 70, use_cache=False)
+    assert out.shape == (1, 80)
+    assert torch.equal(out[:, :64], greedy(model, idx, 54))  # identical while the window fits
+    with torch.no_grad():  # afterwards each token is the argmax over the last 64 tokens
+        for t in (64, 65, 79):
+            assert model(out[:, t - 64 : t])[0][0, -1].argmax().item() == out[0, t].item()
+
+
+def test_forward_beyond_cache_or_max_seq_len_raises():
+    model = lively_model()
+    with torch.inference_mode():
+        cache = KVCache(model.config, 1, 8)
+        model(prompts(41, 1, 8), cache=cache)
+        with pytest.raises(ValueError, match="KV cache holds 8"):
+            model(prompts(42, 1, 1), cache=cache)
+        with pytest.raises(ValueError, match="max_seq_len"):
+            model(prompts(43, 1, 65))
