@@ -1,4 +1,5 @@
 """Builders for the tests: tiny random models, and checkpoints written in each supported format."""
+import math
 import struct
 
 import torch
@@ -21,6 +22,19 @@ def tiny_model(seed=0, **overrides) -> Llama:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+    return model
+
+
+def lively_model(seed=0, gain=2.0, **overrides):
+    """tiny_model with weights of std gain / sqrt(fan_in). At the default init (std 0.02, output
+    tied to the embedding) an untrained model just repeats its last prompt token, so every
+    decoding variant would agree trivially; these weights give varied greedy continuations."""
+    model = tiny_model(seed, **overrides)
+    generator = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * gain / math.sqrt(p.shape[1]))
     return model
 
 

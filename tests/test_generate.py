@@ -2,39 +2,17 @@
 readable no-cache reference (use_cache=False) for single prompts, equal-length batches and
 batches padded on either side; plus EOS handling, sampling rules, the sdpa fast path and
 the max_seq_len limits."""
-import math
-
 import pytest
 import torch
 
 from conftest import asset_path
-from helpers import tiny_model
+from helpers import lively_model, tiny_model
 from llama import KVCache, attention_mask, left_align, load_pretrained, sample_next
 
 VOCAB = 64  # tiny_config's vocab_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine every OpenMP region
-    of a tiny op can wait a whole scheduler slice for the second thread (100x slower steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def lively_model(seed=0, gain=2.0, **overrides):
-    """tiny_model with weights of std gain / sqrt(fan_in). At the default init (std 0.02, output
-    tied to the embedding) an untrained model just repeats its last prompt token, so every
-    decoding variant would agree trivially; these weights give varied greedy continuations."""
-    model = tiny_model(seed, **overrides)
-    generator = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=generator) * gain / math.sqrt(p.shape[1]))
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def prompts(seed, batch, length, vocab=VOCAB):
