@@ -136,3 +136,24 @@ def test_stories260k_greedy_tokens_match_llama2c():
     expected = reference["greedy_from_bos"]
     out = model.generate(expected[:1][None], max_new_tokens=len(expected) - 1, temperature=0.0)
     assert out[0].tolist() == expected.tolist()
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_fp32_and_bf16_match_cpu():
+    """GPU paths: fp32 (sdpa) within 1e-4 of the CPU's readable path; bf16 autocast within 5e-2
+    (bf16 keeps 8 bits of mantissa) with the same greedy continuation on stories260K."""
+    model, reference = stories260k()
+    tokens = reference["tokens"]
+    with torch.no_grad():
+        expected, _ = model(tokens, targets=tokens)
+        gpu = model.to("cuda").set_sdpa(True)
+        fp32, _ = gpu(tokens.cuda(), targets=tokens.cuda())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16, _ = gpu(tokens.cuda(), targets=tokens.cuda())
+    assert (fp32.cpu() - expected).abs().max() < 1e-4
+    assert (bf16.float().cpu() - expected).abs().max() < 5e-2 * expected.abs().max()
+    out = gpu.generate(reference["greedy_from_bos"][:1][None].cuda(), 50, temperature=0.0)
+    assert out[0].cpu().tolist() == reference["greedy_from_bos"][:51].tolist()
