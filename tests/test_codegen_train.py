@@ -376,3 +376,14 @@ def test_clear_errors(workdir, tmp_path):
 
     rc, _, err = run_cli(common_args(workdir, tmp_path / "o6", "--resume"))
     assert rc == 2 and "last.pt" in err and "--resume" in err
+
+
+def test_plot_curves_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional; without it training skips the plot")
+    from codegen.train import plot_curves
+
+    log = tmp_path / "log.csv"
+    log.write_text("step,epoch,lr,train_loss,valid_loss,chrf,tokens_per_s,elapsed\n"
+                   "10,0.1,0.001,5.0,,,100,1\n20,0.2,0.001,4.0,4.5,3.0,100,2\n")
+    png = plot_curves(log, tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
