@@ -91,8 +91,7 @@ def encode_all(examples, tokenizer, suffix=""):
 
 def batches(data, batch_size, pad_id, shuffle=False, generator=None):
     """Yield (token_ids right-padded, lengths, labels, sentences) batches."""
-    order = torch.randperm(len(data), generator=generator).tolist() if shuffle else range(len(data))
-    order = list(order)
+    order = torch.randperm(len(data), generator=generator).tolist() if shuffle else list(range(len(data)))
     for start in range(0, len(order), batch_size):
         chunk = [data[i] for i in order[start : start + batch_size]]
         lengths = torch.tensor([len(ids) for _, ids, _ in chunk])
@@ -182,7 +181,7 @@ def autocast(args, device):
 def prepare(model, args, device):
     """Move to the device and pick the attention kernel (PyTorch's fused one on GPU by default)."""
     use_sdpa = args.sdpa if args.sdpa is not None else device.type == "cuda"
-    model.llama.set_sdpa(use_sdpa) if hasattr(model, "llama") else model.set_sdpa(use_sdpa)
+    getattr(model, "llama", model).set_sdpa(use_sdpa)
     return model.to(device)
 
 
