@@ -129,7 +129,6 @@ class Attention(nn.Module):
         self.n_kv_heads = config.n_kv_heads
         self.n_rep = self.n_heads // self.n_kv_heads
         self.head_dim = config.head_dim
-        self.max_seq_len = config.max_seq_len
         self.compute_query = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
         self.compute_key = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
         self.compute_value = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
