@@ -1,4 +1,4 @@
-"""bench/decode.py runs end to end: a tiny smoke run whose last output line is the JSON summary."""
+"""The benchmarks run end to end: tiny smoke runs whose last output line is the JSON summary."""
 import json
 import subprocess
 import sys
@@ -31,3 +31,15 @@ def test_decode_bench_reference_tokens_note():
     reference = [r for r in result["results"] if r["variant"] == "no cache (reference)"]
     assert [r["timed_tokens"] for r in reference] == [4]
     assert any("first 4 of 16" in note for note in result["notes"])
+
+
+def test_train_bench_tiny_json():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--tiny", "--json", "--steps", "1",
+                           "--shapes", "sst", "--variants", "full-fp32,lora-fast"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+    assert [r["variant"] for r in rows] == ["full-fp32", "lora-fast"]
+    full, lora = rows
+    assert full["speedup"] == 1.0 and full["memory_ratio"] == 1.0
+    assert 0 < lora["trainable"] < full["trainable"] and lora["tokens_per_s"] > 0 and lora["peak_mb"] > 0
