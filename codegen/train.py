@@ -8,7 +8,7 @@ Data: JSONL records with "prompt" (def line + docstring) and "code" (the body), 
 `python -m codegen.data --out DIR`. Without --train_data, DIR/{train,valid}.jsonl under --data_dir
 are used, built first (from --build_from, default the running Python's standard library) if missing.
 
-Each example is  BOS + encode(prompt) + encode(code) + EOS,  truncated to --max_len tokens, and the
+Each example is  BOS + encode(prompt + code) + EOS,  truncated to --max_len tokens, and the
 loss is the causal-LM cross-entropy on the code tokens and EOS only: targets are -100 (ignored) on BOS,
 the prompt and the padding, and the logits at position t predict token t + 1. With --fim_rate > 0 the
 four FIM sentinels are added to the vocabulary and that fraction of the examples (drawn anew each
@@ -227,12 +227,18 @@ def load_data(args, say=print):
 
 
 def make_example(tokenizer, prompt: str, code: str, max_len=None):
-    """(tokens, targets) of one pair: tokens = BOS + encode(prompt) + encode(code) + EOS, and targets
-    the same ids on the code tokens and EOS but IGNORE on BOS and the prompt. Targets are aligned with
-    tokens (not shifted): the loss compares the logits at t with targets[t + 1]. Truncated to max_len."""
+    """(tokens, targets) of one pair: tokens = BOS + encode(prompt + code) + EOS, and targets the same
+    ids on the code tokens and EOS but IGNORE on BOS and the prompt. Targets are aligned with tokens
+    (not shifted): the loss compares the logits at t with targets[t + 1]. Truncated to max_len.
+
+    The pair is encoded as one text so that the code starts with the token generation will see after
+    the prompt: encoding the code on its own would prepend SentencePiece's dummy-prefix space, and a
+    model trained that way indents its completions one space too far. The prompt part is the longest
+    common prefix with the prompt's own encoding."""
     p = tokenizer.encode(prompt, bos=True, eos=False)
-    c = tokenizer.encode(code, bos=False, eos=True)
-    tokens, targets = p + c, [IGNORE] * len(p) + c
+    tokens = tokenizer.encode(prompt + code, bos=True, eos=True)
+    n = next((i for i, (a, b) in enumerate(zip(p, tokens)) if a != b), min(len(p), len(tokens)))
+    targets = [IGNORE] * n + tokens[n:]
     if max_len is not None:
         tokens, targets = tokens[:max_len], targets[:max_len]
     return tokens, targets

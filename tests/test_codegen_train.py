@@ -104,9 +104,13 @@ def test_make_example_masks_bos_and_prompt(tok):
     prompt, code = 'def f(x):\n    """Double x."""\n', "    return 2 * x\n"
     tokens, targets = make_example(tok, prompt, code)
     p = tok.encode(prompt, bos=True, eos=False)
-    c = tok.encode(code, bos=False, eos=True)
-    assert tokens == p + c and tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
-    assert targets == [IGNORE] * len(p) + c  # the code tokens and EOS are the only targets
+    assert tokens == tok.encode(prompt + code, bos=True, eos=True) and tokens[:len(p)] == p
+    assert targets == [IGNORE] * len(p) + tokens[len(p):]  # the code tokens and EOS are the only targets
+    # the code starts as generation after the prompt sees it: decoding prompt + code tokens gives the
+    # pair back, with the code's indentation intact (encoding the code alone adds a dummy-prefix space)
+    assert tok.decode(tokens) == prompt + code
+    assert tok.decode(p + tokens[len(p):]) == prompt + code
+    assert tok.decode(p + tok.encode(code, bos=False, eos=True)) != prompt + code
     short_tokens, short_targets = make_example(tok, prompt, code, max_len=len(p) + 2)
     assert short_tokens == tokens[: len(p) + 2] and short_targets == targets[: len(p) + 2]
     assert not has_loss(make_example(tok, prompt, code, max_len=len(p)))  # nothing left to learn
