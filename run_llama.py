@@ -24,7 +24,7 @@ from classifier import LlamaEmbeddingClassifier, LlamaZeroShotClassifier
 from llama import CheckpointError, load_pretrained
 from optimizer import AdamW
 from tokenizer import Tokenizer
-from utils import atomic_save, atomic_write_text, seed_everything
+from utils import DeviceError, atomic_save, atomic_write_text, pick_device, seed_everything
 
 GENERATE_PROMPT = ("Victor Frankenstein, a young scientist obsessed with uncovering the secrets of life, "
                    "succeeds in animating a creature assembled from")
@@ -163,9 +163,7 @@ def evaluate_and_write(model, dev, test, args, device):
 
 
 def get_device(args):
-    if args.use_gpu and not torch.cuda.is_available():
-        raise UsageError("--use_gpu was given but CUDA is not available")
-    device = torch.device("cuda" if args.use_gpu else "cpu")
+    device = pick_device(args.use_gpu)
     if device.type == "cuda" and args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -347,7 +345,7 @@ def main(argv=None) -> int:
             else:
                 dev, test_data = train(args, device)
                 test(args, device, dev, test_data)
-    except (UsageError, CheckpointError, FileNotFoundError) as e:
+    except (UsageError, DeviceError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"done in {time.time() - started:.1f}s")

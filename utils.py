@@ -8,6 +8,17 @@ import numpy as np
 import torch
 
 
+class DeviceError(RuntimeError):
+    """The requested device is not available."""
+
+
+def pick_device(use_gpu: bool) -> torch.device:
+    """CUDA when asked for (a clear error if there is none), else the CPU."""
+    if use_gpu and not torch.cuda.is_available():
+        raise DeviceError("--use_gpu was given but CUDA is not available")
+    return torch.device("cuda" if use_gpu else "cpu")
+
+
 def seed_everything(seed: int) -> None:
     """Seed every random number generator a run touches, for reproducible runs."""
     random.seed(seed)

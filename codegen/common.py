@@ -7,6 +7,7 @@ import torch
 from codegen.fim import SENTINELS
 from llama import load_pretrained
 from tokenizer import Tokenizer
+from utils import pick_device  # noqa: F401  (the codegen modules take it from here)
 
 
 class CodeTokenizer(Tokenizer):
@@ -19,12 +20,6 @@ class CodeTokenizer(Tokenizer):
 
     def decode(self, tokens: List[int]) -> str:
         return super().decode([t for t in tokens if t < self.n_words])
-
-
-def pick_device(use_gpu: bool) -> torch.device:
-    if use_gpu and not torch.cuda.is_available():
-        raise RuntimeError("--use_gpu was given but CUDA is not available")
-    return torch.device("cuda" if use_gpu else "cpu")
 
 
 def load_code_model(path, device="cpu", tokenizer_model: Optional[str] = None, **overrides):
