@@ -97,28 +97,37 @@ class KVCache:
     """Keys and values of every layer for the positions seen so far, preallocated once:
     decoding then costs one new row per layer and step instead of recomputing the prefix.
 
-    Stored heads-first, (n_layers, batch, n_kv_heads, max_len, head_dim), the layout attention
-    multiplies in: the keys so far are then a view that (batch, heads) flattens into one batch
-    dimension of a batched matmul without copying the cache at every step."""
+    One buffer per layer, heads-first, (batch, n_kv_heads, max_len, head_dim), the layout
+    attention multiplies in: the keys so far are then a view that (batch, heads) flattens into one
+    batch dimension of a batched matmul without copying the cache at every step."""
 
     def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.length = 0  # positions filled; the model advances it after each forward
+        self.slot = None  # Llama.decode_step: a (1,) tensor, the slot this step writes
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this step's (batch, n_kv_heads, seqlen, head_dim) keys/values; return all so far."""
+        """Store this step's (batch, n_kv_heads, seqlen, head_dim) keys/values; return all so far.
+
+        With `slot` set (fixed-shape decoding), write there and return every slot: the caller's
+        mask hides the ones not written yet, and shapes stay the same from step to step."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        if self.slot is not None:
+            k_cache[:, :, self.slot] = k.to(k_cache.dtype)
+            v_cache[:, :, self.slot] = v.to(v_cache.dtype)
+            return k_cache, v_cache
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, {end} needed")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k_cache[:, :, self.length : end] = k
+        v_cache[:, :, self.length : end] = v
+        return k_cache[:, :, :end], v_cache[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -253,9 +262,40 @@ class Llama(LlamaPreTrainedModel):
         logits = self.output(h) if targets is not None else self.output(h[:, -1:, :])
         return logits, h
 
+    def decode_step(self, tokens, positions, key_valid, cache: KVCache):
+        """One new token per row, with the same shapes at every step, so that torch.compile
+        traces it once and a GPU can replay it as one CUDA graph: tokens and positions (batch, 1),
+        key_valid (batch, cache.max_len) True on the cache slots that hold real tokens, this
+        step's included; the keys/values go to slot cache.slot. Returns logits (batch, 1, vocab)."""
+        cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
+        mask = key_valid[:, None, None, :]
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, mask)
+        return self.output(self.norm(h))
+
+    def compiled_decoder(self, batch: int, device, dtype):
+        """(decode_step compiled, a KVCache of max_seq_len slots), kept between generate calls so
+        that the next call with the same batch size compiles nothing. On CUDA the mode is
+        "reduce-overhead": the step's ~100 fused kernels are replayed as a CUDA graph, the
+        launches that bound batch-1 decoding otherwise."""
+        key = (batch, str(device), dtype)
+        if getattr(self, "_decoder_key", None) != key:
+            cache = KVCache(self.config, batch, self.config.max_seq_len, device, dtype)
+            mode = None
+            if torch.device(device).type == "cuda":
+                for buffer in cache.k + cache.v:  # mutated in place inside the graph
+                    torch._dynamo.mark_static_address(buffer)
+                mode = "reduce-overhead"
+            self._decoder = (torch.compile(self.decode_step, mode=mode, fullgraph=True), cache)
+            self._decoder_key = key
+        step, cache = self._decoder
+        cache.length, cache.slot = 0, None
+        return step, cache
+
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, epsilon=3e-4, *, generator=None,
-                 eos_id=None, prompt_mask=None, use_cache=True):
+                 eos_id=None, prompt_mask=None, use_cache=True, compile=False):
         """Continue every row of idx (batch, seqlen) by max_new_tokens tokens, or until eos_id.
 
         temperature 0 is greedy; otherwise epsilon sampling (see sample_next). prompt_mask (batch,
@@ -263,25 +303,37 @@ class Llama(LlamaPreTrainedModel):
         they are left-aligned and RoPE positions counted from each prompt's first real token.
         Returns (batch, seqlen + n_new): the (left-aligned) prompts, then the new tokens; a row
         that has emitted eos_id is filled with eos_id. use_cache=False recomputes the whole
-        sequence for every token, the readable reference the KV cache is tested against."""
+        sequence for every token, the readable reference the KV cache is tested against.
+        compile=True decodes through decode_step compiled by torch.compile (CUDA graphs on a GPU):
+        the same tokens; the first call pays the compilation (a minute on CPU, where it is slower).
+        """
         idx, valid = left_align(idx, prompt_mask)
         batch, seqlen = idx.shape
+        if compile and valid is None:
+            valid = torch.ones_like(idx, dtype=torch.bool)  # decode_step takes explicit positions
         positions = (valid.cumsum(1) - 1).clamp(min=0) if valid is not None else None
         cache = None
         if use_cache:
             if seqlen + max_new_tokens > self.config.max_seq_len:
                 raise ValueError(f"{seqlen} + {max_new_tokens} tokens exceed max_seq_len={self.config.max_seq_len}; "
                                  "pass use_cache=False to slide a window instead")
-            cache = KVCache(self.config, batch, seqlen + max_new_tokens, idx.device, self.dtype)
+            if compile:
+                step, cache = self.compiled_decoder(batch, idx.device, self.dtype)
+            else:
+                cache = KVCache(self.config, batch, seqlen + max_new_tokens, idx.device, self.dtype)
         finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
         step_tokens, step_positions = idx, positions
-        for _ in range(max_new_tokens):
-            if use_cache:
-                logits, _ = self(step_tokens, cache=cache, positions=step_positions, key_valid=valid)
-            else:
+        for i in range(max_new_tokens):
+            if not use_cache:
                 window = slice(-self.config.max_seq_len, None)  # the course's sliding window
                 logits, _ = self(idx[:, window], positions=None if positions is None else positions[:, window],
                                  key_valid=None if valid is None else valid[:, window])
+            elif compile and i > 0:  # the prompt went through forward (prefill); now fixed shapes
+                cache.slot = torch.full((1,), cache.length, device=idx.device)
+                logits = step(step_tokens, step_positions, F.pad(valid, (0, cache.max_len - valid.shape[1])), cache)
+                cache.length += 1
+            else:
+                logits, _ = self(step_tokens, cache=cache, positions=step_positions, key_valid=valid)
             next_token = sample_next(logits[:, -1, :], temperature, epsilon, generator)
             if eos_id is not None:
                 next_token = next_token.masked_fill(finished[:, None], eos_id)

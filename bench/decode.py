@@ -8,7 +8,7 @@ greedy tokens are compared with the reference's. See bench/README.md.
 
     python3 bench/decode.py                                   # batch 1 and 32, 256 new tokens
     python3 bench/decode.py --batch_sizes 32 --reference-tokens 16
-    python3 bench/decode.py --device cuda                     # adds bf16 autocast (and HF)
+    python3 bench/decode.py --device cuda                     # adds bf16 autocast, compile (and HF)
     python3 bench/decode.py --tiny --json                     # smoke run: a few seconds
 """
 import argparse
@@ -50,6 +50,10 @@ def parse_args(argv=None):
                         "its cost per token grows with the sequence)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="skip HF transformers even if importable")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="add generate(compile=True) variants: fixed-shape decoding compiled by torch.compile, "
+                        "replayed as CUDA graphs on a GPU (default: on for cuda, off for cpu, where compiling "
+                        "the stories42M shape takes about a minute and decodes slower)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="defaults for a smoke run (any option still overrides "
                                                            "them): " + str(TINY))
@@ -58,6 +62,8 @@ def parse_args(argv=None):
         p.set_defaults(**TINY)
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",")]
+    if args.compile is None:
+        args.compile = args.device == "cuda"
     return args
 
 
@@ -129,12 +135,12 @@ def hf_state_dict(model: Llama) -> dict:
 def variants(args, model, hf):
     """name -> function(idx, n_new) returning (batch, prompt_len + n_new) greedy tokens."""
 
-    def ours(use_cache, sdpa=False, bf16=False):
+    def ours(use_cache, sdpa=False, bf16=False, compile=False):
         def run(idx, n):
             model.set_sdpa(sdpa)
             autocast = torch.autocast(args.device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
             with autocast:
-                return model.generate(idx, n, temperature=0.0, use_cache=use_cache)
+                return model.generate(idx, n, temperature=0.0, use_cache=use_cache, compile=compile)
         return run
 
     def transformers_generate(idx, n):
@@ -143,8 +149,12 @@ def variants(args, model, hf):
                                do_sample=False)
 
     found = {REFERENCE: ours(False), "KV cache": ours(True), "KV cache + sdpa": ours(True, sdpa=True)}
+    if args.compile:
+        found["KV cache + sdpa + compile"] = ours(True, sdpa=True, compile=True)
     if args.device == "cuda":
         found["KV cache + sdpa + bf16 autocast"] = ours(True, sdpa=True, bf16=True)
+        if args.compile:
+            found["KV cache + sdpa + bf16 autocast + compile"] = ours(True, sdpa=True, bf16=True, compile=True)
     if hf is not None:
         found["HF transformers (KV cache)"] = transformers_generate
     return found

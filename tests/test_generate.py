@@ -2,6 +2,8 @@
 readable no-cache reference (use_cache=False) for single prompts, equal-length batches and
 batches padded on either side; plus EOS handling, sampling rules, the sdpa fast path and
 the max_seq_len limits."""
+import shutil
+
 import pytest
 import torch
 
@@ -293,6 +295,84 @@ def test_sdpa_cached_decode_logits_match_readable():
         fast = decode()
         model.set_sdpa(False)
     torch.testing.assert_close(fast, readable, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed-shape decoding (decode_step), what generate(compile=True) compiles
+
+
+def test_decode_step_logits_equal_full_forward():
+    """Through decode_step (new keys written at cache.slot, attention over every slot, masked),
+    each position's logits equal those of one full forward."""
+    model = lively_model()
+    tokens = prompts(50, 2, 20)
+    with torch.inference_mode():
+        full, _ = model(tokens, targets=tokens)
+        cache = KVCache(model.config, 2, model.config.max_seq_len)
+        model(tokens[:, :8], cache=cache)  # prefill through forward, as generate does
+        valid = torch.zeros(2, cache.max_len, dtype=torch.bool)
+        steps = []
+        for t in range(8, 20):
+            cache.slot, valid[:, t] = torch.tensor([t]), True
+            valid[:, :t] = True
+            steps.append(model.decode_step(tokens[:, t : t + 1], torch.full((2, 1), t), valid, cache))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 8:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """generate(compile=True) with torch.compile as the identity: the fixed-shape path, eager."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+
+
+@pytest.mark.parametrize("side", ["left", "right", None])
+def test_fixed_shape_decoding_equals_kv_cache(no_compile, side):
+    model = lively_model(n_kv_heads=2)
+    if side is None:
+        idx, mask = prompts(51, 3, 6), None
+    else:
+        idx, mask = padded_batch([prompts(52 + i, 1, n)[0] for i, n in enumerate([5, 1, 9])], side)
+    expected = greedy(model, idx, 30, prompt_mask=mask)
+    assert torch.equal(greedy(model, idx, 30, prompt_mask=mask, compile=True), expected)
+    assert torch.equal(greedy(model, idx, 30, prompt_mask=mask, compile=True), expected)  # reused cache
+    model.set_sdpa(True)
+    assert torch.equal(greedy(model, idx, 30, prompt_mask=mask, compile=True), expected)
+
+
+def test_fixed_shape_decoding_eos_and_sampling(no_compile):
+    model = lively_model()
+    idx = prompts(55, 4, 5)
+    free = greedy(model, idx, 20)
+    eos = free[0, 8].item()
+    assert torch.equal(greedy(model, idx, 20, eos_id=eos, compile=True), greedy(model, idx, 20, eos_id=eos))
+
+    def sample(**kwargs):
+        return model.generate(idx, 20, temperature=1.0, generator=torch.Generator().manual_seed(3), **kwargs)
+    assert torch.equal(sample(compile=True), sample())
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_decoding_equals_kv_cache():
+    """The real torch.compile (inductor, CPU; ~20-60 s to compile a tiny model once)."""
+    model = lively_model()
+    idx, mask = padded_batch([prompts(56, 1, 4)[0], prompts(57, 1, 7)[0]], "left")
+    expected = greedy(model, idx, 25, prompt_mask=mask)
+    assert torch.equal(greedy(model, idx, 25, prompt_mask=mask, compile=True), expected)
+    other = prompts(58, 2, 3)  # same batch size: no recompilation, another prompt length
+    assert torch.equal(greedy(model, other, 40, compile=True), greedy(model, other, 40))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_decoding_equals_kv_cache():
+    """On a GPU, compile=True replays decode_step as CUDA graphs (mode reduce-overhead); the
+    cache is mutated inside the graph, so a wrong capture would show as different tokens."""
+    model = lively_model().to("cuda").set_sdpa(True)
+    idx, mask = padded_batch([prompts(59, 1, 4)[0], prompts(60, 1, 9)[0]], "left")
+    idx, mask = idx.cuda(), mask.cuda()
+    expected = greedy(model, idx, 40, prompt_mask=mask)
+    for _ in range(2):  # the second call replays the recorded graphs
+        assert torch.equal(greedy(model, idx, 40, prompt_mask=mask, compile=True), expected)
 
 
 # ----------------------------------------------------------------------------------------------
