@@ -274,14 +274,16 @@ class Llama(LlamaPreTrainedModel):
             h = layer(h, cos, sin, cache, mask)
         return self.output(self.norm(h))
 
-    def compiled_decoder(self, batch: int, device, dtype):
-        """(decode_step compiled, a KVCache of max_seq_len slots), kept between generate calls so
-        that the next call with the same batch size compiles nothing. On CUDA the mode is
-        "reduce-overhead": the step's ~100 fused kernels are replayed as a CUDA graph, the
-        launches that bound batch-1 decoding otherwise."""
-        key = (batch, str(device), dtype)
+    def compiled_decoder(self, batch: int, length: int, device, dtype):
+        """(decode_step compiled, a KVCache for at least `length` positions), kept between generate
+        calls. The cache has a power-of-two number of slots (capped at max_seq_len): a few shapes
+        to compile, and at most twice the slots a step must read. On CUDA the mode is
+        "reduce-overhead": the step's fused kernels are replayed as one CUDA graph, removing the
+        hundreds of kernel launches that otherwise bound batch-1 decoding."""
+        slots = min(self.config.max_seq_len, 1 << max(6, (length - 1).bit_length()))
+        key = (batch, slots, str(device), dtype)
         if getattr(self, "_decoder_key", None) != key:
-            cache = KVCache(self.config, batch, self.config.max_seq_len, device, dtype)
+            cache = KVCache(self.config, batch, slots, device, dtype)
             mode = None
             if torch.device(device).type == "cuda":
                 for buffer in cache.k + cache.v:  # mutated in place inside the graph
@@ -318,7 +320,7 @@ class Llama(LlamaPreTrainedModel):
                 raise ValueError(f"{seqlen} + {max_new_tokens} tokens exceed max_seq_len={self.config.max_seq_len}; "
                                  "pass use_cache=False to slide a window instead")
             if compile:
-                step, cache = self.compiled_decoder(batch, idx.device, self.dtype)
+                step, cache = self.compiled_decoder(batch, seqlen + max_new_tokens, idx.device, self.dtype)
             else:
                 cache = KVCache(self.config, batch, seqlen + max_new_tokens, idx.device, self.dtype)
         finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)

@@ -8,10 +8,12 @@
 # Each run's summary.json (time per epoch, peak memory, trainable parameters, best validation loss)
 # and eval report.json land in $OUT. Sizes are variables so a GPU run can scale them up:
 #   OUT=runs/lora_vs_full DIM=512 LAYERS=8 PRE_STEPS=5000 FT_STEPS=1500 EXTRA=--use_gpu bash bench/codegen_lora_vs_full.sh
+# (bench/gpu.sh codegen runs exactly that, with bf16 autocast for training).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-runs/lora_vs_full}; DIM=${DIM:-128}; LAYERS=${LAYERS:-4}; HEADS=${HEADS:-4}
 PRE_STEPS=${PRE_STEPS:-800}; FT_STEPS=${FT_STEPS:-300}; EVAL_LIMIT=${EVAL_LIMIT:-60}; EXTRA=${EXTRA:-}
+TRAIN_EXTRA=${TRAIN_EXTRA:-}  # training-only options, e.g. --bf16
 mkdir -p "$OUT"
 [ -f "$OUT/data/train.jsonl" ] || python3 -m codegen.data --out "$OUT/data"
 python3 - "$OUT/init.pt" "$DIM" "$LAYERS" "$HEADS" <<'PY'
@@ -27,7 +29,7 @@ config = LlamaConfig(dim=dim, n_layers=layers, n_heads=heads, vocab_size=32000, 
 torch.save({"model_args": asdict(config), "model": Llama(config).state_dict()}, path)
 PY
 common=(--train_data "$OUT/data/train.jsonl" --valid_data "$OUT/data/valid.jsonl" --max_len 256 --batch_size 8
-        --valid_limit 64 --eval_samples 16 --quiet $EXTRA)
+        --valid_limit 64 --eval_samples 16 --quiet $EXTRA $TRAIN_EXTRA)
 train() { python3 run_llama.py --option codegen "${common[@]}" "$@"; }
 train --pretrained-model-path "$OUT/init.pt" --mode full --lr 1e-3 --warmup_steps 50 --max_steps "$PRE_STEPS" \
       --eval_every 200 --out_dir "$OUT/pre"

@@ -351,6 +351,16 @@ def test_fixed_shape_decoding_eos_and_sampling(no_compile):
     assert torch.equal(sample(compile=True), sample())
 
 
+def test_compiled_decoder_cache_sizes(no_compile):
+    """Power-of-two slots (at least 64, at most max_seq_len); the same size is reused."""
+    model = tiny_model(max_seq_len=300)
+    slots = [model.compiled_decoder(2, n, "cpu", torch.float32)[1].max_len for n in (1, 64, 65, 200, 257, 300)]
+    assert slots == [64, 64, 128, 256, 300, 300]
+    step, cache = model.compiled_decoder(2, 290, "cpu", torch.float32)
+    assert model.compiled_decoder(2, 299, "cpu", torch.float32)[1] is cache
+    assert model.compiled_decoder(3, 299, "cpu", torch.float32)[1] is not cache
+
+
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile's CPU backend needs a C++ compiler")
 def test_compiled_decoding_equals_kv_cache():
