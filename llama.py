@@ -307,8 +307,8 @@ class Llama(LlamaPreTrainedModel):
         that has emitted eos_id is filled with eos_id. use_cache=False recomputes the whole
         sequence for every token, the readable reference the KV cache is tested against.
         compile=True decodes through decode_step compiled by torch.compile (CUDA graphs on a GPU):
-        the same tokens; the first call pays the compilation (a minute on CPU, where it is slower).
-        """
+        the same tokens; the first call pays the compilation (about a minute on our CPU, where it
+        gains nothing: see bench/README.md)."""
         idx, valid = left_align(idx, prompt_mask)
         batch, seqlen = idx.shape
         if compile and valid is None:
@@ -331,9 +331,7 @@ class Llama(LlamaPreTrainedModel):
                 logits, _ = self(idx[:, window], positions=None if positions is None else positions[:, window],
                                  key_valid=None if valid is None else valid[:, window])
             elif compile and i > 0:  # the prompt went through forward (prefill); now fixed shapes
-                cache.slot = torch.full((1,), cache.length, device=idx.device)
-                logits = step(step_tokens, step_positions, F.pad(valid, (0, cache.max_len - valid.shape[1])), cache)
-                cache.length += 1
+                logits = fixed_shape_step(step, cache, step_tokens, step_positions, valid)
             else:
                 logits, _ = self(step_tokens, cache=cache, positions=step_positions, key_valid=valid)
             next_token = sample_next(logits[:, -1, :], temperature, epsilon, generator)
@@ -346,9 +344,19 @@ class Llama(LlamaPreTrainedModel):
                 valid = F.pad(valid, (0, 1), value=True)
                 step_positions = positions[:, -1:] + 1
                 positions = torch.cat((positions, step_positions), dim=1)
-            if finished.all():
+            if eos_id is not None and finished.all():  # (a GPU sync: only when there is an eos_id)
                 break
         return idx
+
+
+def fixed_shape_step(step, cache: KVCache, tokens, positions, valid):
+    """Run step (Llama.decode_step, compiled) for the next cache slot; valid (batch, slots so far)."""
+    cache.slot = torch.full((1,), cache.length, device=tokens.device)
+    if tokens.is_cuda:  # a replay may overwrite the last step's logits: we are done with them
+        torch.compiler.cudagraph_mark_step_begin()
+    logits = step(tokens, positions, F.pad(valid, (0, cache.max_len - valid.shape[1])), cache)
+    cache.length += 1
+    return logits
 
 
 def sample_next(logits, temperature: float, epsilon: float = 3e-4, generator=None):
