@@ -76,14 +76,24 @@ def run_variant(args) -> dict:
     labels = torch.randint(0, 5, (batch,), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
+    saved = []  # what autograd keeps for backward, during the warm-up step only
+
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             loss = F.nll_loss(model(tokens), labels)
+        activations = storage_bytes(saved, exclude=model.parameters())
+        saved.clear()
         loss.backward()
         optimizer.step()
+        return activations
 
-    step()  # warm-up: allocations, kernel selection
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        activations = step()  # warm-up: allocations, kernel selection
+    accounted = {"weights": storage_bytes(model.parameters()), "grads": storage_bytes(p.grad for p in params),
+                 "adamw_state": storage_bytes(t for state in optimizer.state.values() for t in state.values()
+                                              if torch.is_tensor(t)),
+                 "activations": activations}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -97,7 +107,19 @@ def run_variant(args) -> dict:
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"variant": args.variant, "shape": args.shape, "batch": batch, "seqlen": seqlen,
             "tokens_per_s": batch * seqlen / seconds, "step_s": seconds, "peak_mb": peak / 2**20,
-            "trainable": sum(p.numel() for p in params)}
+            "trainable": sum(p.numel() for p in params),
+            "accounted_mb": {k: v / 2**20 for k, v in accounted.items()}}
+
+
+def storage_bytes(tensors, exclude=()) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one storage count once), leaving
+    out the storages of `exclude` (e.g. saved weights, already counted as weights)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    sizes = {}
+    for t in tensors:
+        if t.device.type != "meta" and t.untyped_storage().data_ptr() not in skip:
+            sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(sizes.values())
 
 
 def main(argv=None):
@@ -134,12 +156,18 @@ def main(argv=None):
                 sys.exit(f"variant {variant}/{shape} failed:\n{out.stderr}")
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"device: {args.device}  steps: {args.steps}  (speed and memory relative to full-fp32 of the same shape)")
-    print(f"{'shape':8} {'variant':10} {'batch x len':>12} {'tokens/s':>10} {'speed':>6} {'peak MB':>9} {'memory':>7} {'trainable':>11}")
+    print("accounted MB = weights + gradients + AdamW state + tensors saved for backward (distinct storages), "
+          "the same on any device")
+    print(f"{'shape':8} {'variant':10} {'batch x len':>12} {'tokens/s':>10} {'speed':>6} {'peak MB':>9} {'memory':>7} "
+          f"{'accounted MB':>13} {'accounted':>9} {'trainable':>11}")
     for r in results:
         base = next(b for b in results if b["shape"] == r["shape"] and b["variant"] == "full-fp32")
+        r["accounted_total_mb"] = sum(r["accounted_mb"].values())
         r["speedup"], r["memory_ratio"] = r["tokens_per_s"] / base["tokens_per_s"], r["peak_mb"] / base["peak_mb"]
+        r["accounted_ratio"] = r["accounted_total_mb"] / sum(base["accounted_mb"].values())
         print(f"{r['shape']:8} {r['variant']:10} {r['batch']:>5} x {r['seqlen']:<4} {r['tokens_per_s']:>10.0f} "
-              f"{r['speedup']:>5.2f}x {r['peak_mb']:>9.0f} {r['memory_ratio']:>6.2f}x {r['trainable']:>11,}")
+              f"{r['speedup']:>5.2f}x {r['peak_mb']:>9.0f} {r['memory_ratio']:>6.2f}x {r['accounted_total_mb']:>13.0f} "
+              f"{r['accounted_ratio']:>8.2f}x {r['trainable']:>11,}")
     if args.json:
         print(json.dumps({"device": args.device, "results": results}))
 

@@ -1,7 +1,10 @@
 """The benchmarks run end to end: tiny smoke runs whose last output line is the JSON summary."""
+import importlib.util
 import json
 import subprocess
 import sys
+
+import torch
 
 from conftest import ROOT
 
@@ -43,3 +46,20 @@ def test_train_bench_tiny_json():
     full, lora = rows
     assert full["speedup"] == 1.0 and full["memory_ratio"] == 1.0
     assert 0 < lora["trainable"] < full["trainable"] and lora["tokens_per_s"] > 0 and lora["peak_mb"] > 0
+    mb = 2**20
+    assert full["accounted_mb"]["weights"] * mb == full["trainable"] * 4  # tied embedding counted once
+    for row in rows:  # float32 gradients and AdamW's two moments for every trainable weight
+        assert row["accounted_mb"]["grads"] * mb == row["trainable"] * 4
+        assert row["accounted_mb"]["adamw_state"] * mb >= 2 * row["trainable"] * 4
+        assert row["accounted_mb"]["activations"] > 0
+    assert lora["accounted_ratio"] < 1.0
+
+
+def test_storage_bytes_counts_each_storage_once():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "train.py")
+    bench_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_train)
+    storage_bytes = bench_train.storage_bytes
+    a, b = torch.zeros(10, 10), torch.zeros(3, dtype=torch.float64)
+    assert storage_bytes([a, a[2:], a.t(), b]) == 400 + 24
+    assert storage_bytes([a, b], exclude=[a[1]]) == 24
