@@ -7,7 +7,8 @@ that peak memory (CUDA: max_memory_allocated; CPU: the process's max RSS) belong
 alone; the parent prints the table with ratios against the fp32 full fine-tuning baseline.
 
 Variants: full fine-tuning or LoRA (rank 4 on query/value, head trainable), fp32 readable
-attention, fp32 + fused attention (sdpa) + foreach AdamW, and on CUDA bf16 autocast + TF32.
+attention, fp32 + fused attention (sdpa) + foreach AdamW, and on CUDA bf16 autocast + TF32, with
+and without torch.compile of the model (the compiled variant's warm-up step pays the compilation).
 """
 import argparse
 import json
@@ -31,14 +32,17 @@ from optimizer import AdamW  # noqa: E402
 # (batch size, tokens per sequence) of the reference commands: SST --batch_size 80 with sentences of
 # up to ~64 tokens; CFIMDB --batch_size 10 with reviews of ~512 tokens.
 SHAPES = {"sst": (80, 64), "cfimdb": (10, 512)}
-VARIANTS = {  # name: (lora, sdpa + foreach, bf16)
-    "full-fp32": (False, False, False),
-    "full-fast": (False, True, False),
-    "full-bf16": (False, True, True),
-    "lora-fp32": (True, False, False),
-    "lora-fast": (True, True, False),
-    "lora-bf16": (True, True, True),
+VARIANTS = {  # name: (lora, sdpa + foreach, bf16, torch.compile)
+    "full-fp32": (False, False, False, False),
+    "full-fast": (False, True, False, False),
+    "full-bf16": (False, True, True, False),
+    "full-bf16-compile": (False, True, True, True),
+    "lora-fp32": (True, False, False, False),
+    "lora-fast": (True, True, False, False),
+    "lora-bf16": (True, True, True, False),
+    "lora-bf16-compile": (True, True, True, True),
 }
+GPU_ONLY = ("bf16",)  # default variant sets on a CPU leave these out (they run with --variants)
 
 
 class Classifier(nn.Module):
@@ -54,7 +58,7 @@ class Classifier(nn.Module):
 
 def run_variant(args) -> dict:
     """One variant, in this process: warm-up step, then time args.steps steps."""
-    lora, fast, bf16 = VARIANTS[args.variant]
+    lora, fast, bf16, compile = VARIANTS[args.variant]
     device = torch.device(args.device)
     torch.manual_seed(0)
     config = LlamaConfig(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, vocab_size=args.vocab_size,
@@ -78,22 +82,28 @@ def run_variant(args) -> dict:
 
     saved = []  # what autograd keeps for backward, during the warm-up step only
 
+    forward = torch.compile(model) if compile else model
+
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = F.nll_loss(model(tokens), labels)
+            loss = F.nll_loss(forward(tokens), labels)
         activations = storage_bytes(saved, exclude=model.parameters())
         saved.clear()
         loss.backward()
         optimizer.step()
         return activations
 
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        activations = step()  # warm-up: allocations, kernel selection
-    accounted = {"weights": storage_bytes(model.parameters()), "grads": storage_bytes(p.grad for p in params),
-                 "adamw_state": storage_bytes(t for state in optimizer.state.values() for t in state.values()
-                                              if torch.is_tensor(t)),
-                 "activations": activations}
+    accounted = None  # compiled graphs choose what to save themselves, out of the hooks' sight
+    if compile:
+        step()  # warm-up: compilation
+    else:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            activations = step()  # warm-up: allocations, kernel selection
+        accounted = {"weights": storage_bytes(model.parameters()), "grads": storage_bytes(p.grad for p in params),
+                     "adamw_state": storage_bytes(t for state in optimizer.state.values() for t in state.values()
+                                                  if torch.is_tensor(t)),
+                     "activations": activations}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -108,7 +118,7 @@ def run_variant(args) -> dict:
     return {"variant": args.variant, "shape": args.shape, "batch": batch, "seqlen": seqlen,
             "tokens_per_s": batch * seqlen / seconds, "step_s": seconds, "peak_mb": peak / 2**20,
             "trainable": sum(p.numel() for p in params),
-            "accounted_mb": {k: v / 2**20 for k, v in accounted.items()}}
+            "accounted_mb": accounted and {k: v / 2**20 for k, v in accounted.items()}}
 
 
 def storage_bytes(tensors, exclude=()) -> int:
@@ -144,7 +154,7 @@ def main(argv=None):
         return
 
     variants = args.variants.split(",") if args.variants else [
-        v for v in VARIANTS if args.device == "cuda" or not VARIANTS[v][2]]  # bf16 only on GPU
+        v for v in VARIANTS if args.device == "cuda" or not any(tag in v for tag in GPU_ONLY)]
     results = []
     for shape in args.shapes.split(","):
         for variant in variants:
@@ -158,16 +168,19 @@ def main(argv=None):
     print(f"device: {args.device}  steps: {args.steps}  (speed and memory relative to full-fp32 of the same shape)")
     print("accounted MB = weights + gradients + AdamW state + tensors saved for backward (distinct storages), "
           "the same on any device")
-    print(f"{'shape':8} {'variant':10} {'batch x len':>12} {'tokens/s':>10} {'speed':>6} {'peak MB':>9} {'memory':>7} "
+    print(f"{'shape':8} {'variant':18} {'batch x len':>12} {'tokens/s':>10} {'speed':>6} {'peak MB':>9} {'memory':>7} "
           f"{'accounted MB':>13} {'accounted':>9} {'trainable':>11}")
     for r in results:
         base = next(b for b in results if b["shape"] == r["shape"] and b["variant"] == "full-fp32")
-        r["accounted_total_mb"] = sum(r["accounted_mb"].values())
         r["speedup"], r["memory_ratio"] = r["tokens_per_s"] / base["tokens_per_s"], r["peak_mb"] / base["peak_mb"]
-        r["accounted_ratio"] = r["accounted_total_mb"] / sum(base["accounted_mb"].values())
-        print(f"{r['shape']:8} {r['variant']:10} {r['batch']:>5} x {r['seqlen']:<4} {r['tokens_per_s']:>10.0f} "
-              f"{r['speedup']:>5.2f}x {r['peak_mb']:>9.0f} {r['memory_ratio']:>6.2f}x {r['accounted_total_mb']:>13.0f} "
-              f"{r['accounted_ratio']:>8.2f}x {r['trainable']:>11,}")
+        r["accounted_total_mb"] = r["accounted_ratio"] = None
+        accounted = "-".rjust(13) + "-".rjust(10)
+        if r["accounted_mb"]:
+            r["accounted_total_mb"] = sum(r["accounted_mb"].values())
+            r["accounted_ratio"] = r["accounted_total_mb"] / sum(base["accounted_mb"].values())
+            accounted = f"{r['accounted_total_mb']:>13.0f} {r['accounted_ratio']:>8.2f}x"
+        print(f"{r['shape']:8} {r['variant']:18} {r['batch']:>5} x {r['seqlen']:<4} {r['tokens_per_s']:>10.0f} "
+              f"{r['speedup']:>5.2f}x {r['peak_mb']:>9.0f} {r['memory_ratio']:>6.2f}x {accounted} {r['trainable']:>11,}")
     if args.json:
         print(json.dumps({"device": args.device, "results": results}))
 

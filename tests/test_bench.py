@@ -63,3 +63,14 @@ def test_storage_bytes_counts_each_storage_once():
     a, b = torch.zeros(10, 10), torch.zeros(3, dtype=torch.float64)
     assert storage_bytes([a, a[2:], a.t(), b]) == 400 + 24
     assert storage_bytes([a, b], exclude=[a[1]]) == 24
+
+
+def test_train_bench_compiled_variant():
+    """torch.compile of the whole classifier (LoRA inside) trains under bf16 autocast; here on the CPU."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--tiny", "--json", "--steps", "1",
+                           "--shapes", "sst", "--variants", "full-fp32,lora-bf16-compile"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    full, compiled = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
+    assert compiled["variant"] == "lora-bf16-compile" and compiled["tokens_per_s"] > 0
+    assert compiled["accounted_mb"] is None and compiled["trainable"] < full["trainable"]
