@@ -99,7 +99,9 @@ class KVCache:
 
     One buffer per layer, heads-first, (batch, n_kv_heads, max_len, head_dim), the layout
     attention multiplies in: the keys so far are then a view that (batch, heads) flattens into one
-    batch dimension of a batched matmul without copying the cache at every step."""
+    batch dimension of a batched matmul without copying the cache at every step. (Separate tensors
+    rather than slices of one: torch.compile then writes a step's row in place, where a slice of a
+    shared buffer made it copy the whole buffer at every step.)"""
 
     def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
