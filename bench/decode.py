@@ -94,6 +94,14 @@ def hf_model(model: Llama):
     if c.norm_type != "rmsnorm":
         return None, "HF transformers skipped: its Llama has RMSNorm only; run with --norm_type rmsnorm"
     transformers.logging.set_verbosity_error()
+    try:
+        return build_hf(transformers, model), None
+    except Exception as e:  # another transformers version may name things differently: skip, don't crash
+        return None, f"HF transformers {transformers.__version__} skipped: {type(e).__name__}: {e}"
+
+
+def build_hf(transformers, model: Llama):
+    c = model.config
     hf_config = transformers.LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim, num_hidden_layers=c.n_layers,
         num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
@@ -103,7 +111,10 @@ def hf_model(model: Llama):
     hf.load_state_dict(hf_state_dict(model), strict=True)
     hf.generation_config.eos_token_id = None  # never stop early: time exactly new_tokens
     hf.generation_config.pad_token_id = 0
-    return hf.to(model.device).eval(), None
+    hf = hf.to(model.device).eval()
+    with torch.inference_mode():  # fail here, not in the middle of the timed runs
+        hf.generate(torch.zeros(1, 2, dtype=torch.long, device=model.device), max_new_tokens=2, do_sample=False)
+    return hf
 
 
 def hf_state_dict(model: Llama) -> dict:
