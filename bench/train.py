@@ -88,7 +88,7 @@ def run_variant(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         with autocast:
             loss = F.nll_loss(forward(tokens), labels)
-        activations = storage_bytes(saved, exclude=model.parameters())
+        activations = storage_bytes(saved, exclude=model.parameters()) if saved else 0  # warm-up only
         saved.clear()
         loss.backward()
         optimizer.step()
