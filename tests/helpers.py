@@ -1,11 +1,10 @@
 """Builders for the tests: tiny random models, and checkpoints written in each supported format."""
 import math
-import struct
 
 import torch
 
 from config import LlamaConfig
-from llama import Llama, _llama2c_layout
+from llama import Llama
 
 LLAMA2C_NAMES = {"compute_query": "wq", "compute_key": "wk", "compute_value": "wv", "compute_output": "wo"}
 
@@ -53,16 +52,3 @@ def save_stories_pt(model: Llama, path, naming="minllama", prefix=""):
                 key = key.replace(f".{ours}.", f".{theirs}.")
         state[prefix + key] = value.clone()
     torch.save({"model_args": model_args(model.config), "model": state, "iter_num": 0}, path)
-
-
-def save_llama2c_bin(model: Llama, path):
-    """Write llama2.c's legacy .bin export (the format run.c reads)."""
-    config = model.config
-    shared = model.output.weight is model.tok_embeddings.weight
-    vocab = config.vocab_size if shared else -config.vocab_size
-    tensors = {**model.state_dict(), "freqs_cos": model.freqs_cos, "freqs_sin": model.freqs_sin}
-    with open(path, "wb") as f:
-        f.write(struct.pack("7i", config.dim, config.hidden_dim, config.n_layers, config.n_heads,
-                            config.n_kv_heads, vocab, config.max_seq_len))
-        for name, _ in _llama2c_layout(config, shared):
-            f.write(tensors[name].detach().float().contiguous().numpy().tobytes())

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from helpers import model_args, save_llama2c_bin, save_stories_pt, tiny_model
-from llama import CheckpointError, LayerNorm, RMSNorm, load_pretrained
+from helpers import model_args, save_stories_pt, tiny_model
+from llama import CheckpointError, LayerNorm, RMSNorm, load_pretrained, save_llama2c_bin
 
 
 def assert_same_model(a, b):
@@ -43,6 +43,14 @@ def test_llama2c_bin_round_trip(tmp_path, tied):
     assert isinstance(loaded.norm, RMSNorm)  # .bin defaults to llama2.c's RMSNorm
     assert (loaded.output.weight is loaded.tok_embeddings.weight) == tied
     assert_same_model(model, loaded)
+
+
+def test_llama2c_export_refuses_what_runc_cannot_compute(tmp_path):
+    for overrides in (dict(norm_type="layernorm"), dict(norm_type="rmsnorm", rope_theta=500000.0),
+                      dict(norm_type="rmsnorm", norm_eps=1e-6)):
+        with pytest.raises(ValueError, match="run.c computes RMSNorm"):
+            save_llama2c_bin(tiny_model(**overrides), tmp_path / "m.bin")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
 def test_missing_file_says_what_to_do(tmp_path):
