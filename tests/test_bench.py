@@ -1,12 +1,16 @@
 """The benchmarks run end to end: tiny smoke runs whose last output line is the JSON summary."""
 import importlib.util
 import json
+import os
+import struct
 import subprocess
 import sys
 
+import pytest
 import torch
+from sentencepiece import SentencePieceProcessor
 
-from conftest import ROOT
+from conftest import ROOT, asset_path
 
 
 def test_decode_bench_tiny_json():
@@ -74,3 +78,72 @@ def test_train_bench_compiled_variant():
     full, compiled = json.loads(proc.stdout.strip().splitlines()[-1])["results"]
     assert compiled["variant"] == "lora-bf16-compile" and compiled["tokens_per_s"] > 0
     assert compiled["accounted_mb"] is None and compiled["trainable"] < full["trainable"]
+
+
+def load_runc():
+    spec = importlib.util.spec_from_file_location("bench_runc", ROOT / "bench" / "runc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+STAND_IN = """#!{python}
+import struct, sys
+model, flags = sys.argv[1], dict(zip(sys.argv[2::2], sys.argv[3::2]))
+assert set(flags) == {{"-t", "-n", "-z"}} and flags["-t"] == "0", sys.argv
+header = struct.unpack("7i", open(model, "rb").read(28))
+assert header[0] == 64 and header[5] == -256, header  # dim 64; negative vocab: untied output
+print("not what the model says")
+print("achieved tok/s: 51.500000", file=sys.stderr)
+"""
+
+
+def test_runc_bench_with_a_stand_in_for_run_c(tmp_path):
+    fake = tmp_path / "run"
+    fake.write_text(STAND_IN.format(python=sys.executable))
+    fake.chmod(0o755)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "runc.py"), "--run", str(fake), "--tiny", "--json",
+                           "--threads", "1"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["program"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])["results"]}
+    assert rows["run.c"]["tok_per_s"] == 51.5 and rows["run.c"]["same_text"] == "yes"
+    for name in ("Mini-Llama, KV cache", "Mini-Llama, KV cache + sdpa"):
+        assert rows[name]["same_text"].startswith("no (from byte ") and rows[name]["same_text"].endswith(" of 23)")
+        assert rows[name]["vs_runc"] == rows[name]["tok_per_s"] / 51.5
+
+
+def test_runc_bench_needs_an_executable(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "runc.py"), "--run", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "not an executable file; build run.c first" in proc.stderr
+
+
+def test_runc_tokenizer_bin_has_llama2c_layout(tmp_path):
+    """Parsed here byte by byte: int32 max length, then (float32 score, int32 length, bytes) per token."""
+    model = asset_path("tokenizer.model")
+    load_runc().write_tokenizer_bin(model, 300, tmp_path / "tokenizer.bin")
+    sp = SentencePieceProcessor(model_file=str(model))
+    data, offset, lengths = (tmp_path / "tokenizer.bin").read_bytes(), 4, []
+    for i in range(300):
+        score, n = struct.unpack_from("<fi", data, offset)
+        piece = data[offset + 8 : offset + 8 + n].decode()
+        expected = {1: "\n<s>\n", 2: "\n</s>\n"}.get(i, sp.id_to_piece(i).replace("\u2581", " "))
+        assert (piece, score) == (expected, sp.get_score(i)), i
+        offset, lengths = offset + 8 + n, lengths + [n]
+    assert offset == len(data) and struct.unpack_from("<i", data)[0] == max(lengths)
+
+
+def test_runc_text_follows_run_c_printing():
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n", b"<0x0A>", b"<0x41>", b"<0xE2>", b"<0x07>", b" Hello", b" world", b"!"]
+    text = load_runc().runc_text(pieces, [7, 8, 9, 3, 4, 5, 6, 7, 1, 8])
+    # leading space dropped after BOS only; printable/whitespace bytes kept, others dropped; stop at BOS
+    assert text == b"Hello world!\nA Hello"
+
+
+@pytest.mark.skipif(not os.environ.get("MINILLAMA_RUNC"), reason="set MINILLAMA_RUNC to a run binary built from "
+                                                                  "llama2.c's run.c to compare with it")
+def test_runc_prints_the_same_text_as_mini_llama():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "runc.py"), "--run", os.environ["MINILLAMA_RUNC"],
+                           "--tiny", "--json"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert all(r["same_text"] == "yes" for r in json.loads(proc.stdout.strip().splitlines()[-1])["results"])
