@@ -525,8 +525,10 @@ def load_pretrained(checkpoint, **overrides) -> Llama:
             f"checkpoint {path} not found: run `bash setup.sh` with network access to download "
             "stories42M.pt, or pass --pretrained-model-path to a checkpoint you have")
     with open(path, "rb") as f:
-        magic = f.read(2)
-    is_torch = zipfile.is_zipfile(path) or magic[:1] == b"\x80"  # torch zip format, or a legacy pickle
+        head = f.read(4)
+    # torch's zip format, or its legacy one: a pickle (protocol 2) of a 10-byte magic integer. Not just
+    # "starts with 0x80": a llama2.c header starts with dim as int32, and dim 128, 384, 640... do too.
+    is_torch = zipfile.is_zipfile(path) or head == b"\x80\x02\x8a\x0a"
     load = _load_torch_checkpoint if is_torch or path.suffix == ".pt" else _load_llama2c_bin
     config, state_dict = load(path, overrides)
     model = Llama(config)

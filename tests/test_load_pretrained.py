@@ -45,6 +45,22 @@ def test_llama2c_bin_round_trip(tmp_path, tied):
     assert_same_model(model, loaded)
 
 
+@pytest.mark.parametrize("dim", [128, 640])  # int32 dim starting with byte 0x80 (640: 0x80 0x02, like a pickle)
+def test_llama2c_bin_whose_header_looks_like_a_pickle(tmp_path, dim):
+    model = tiny_model(norm_type="rmsnorm", dim=dim, n_layers=1, n_heads=2, n_kv_heads=2)
+    save_llama2c_bin(model, tmp_path / "m.bin")
+    assert (tmp_path / "m.bin").read_bytes()[:1] == b"\x80"
+    assert_same_model(model, load_pretrained(tmp_path / "m.bin").eval())
+
+
+def test_legacy_torch_format_is_still_recognised(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "legacy.bin"  # not .pt: recognised by its content
+    torch.save({"model_args": model_args(model.config), "model": model.state_dict()}, path,
+               _use_new_zipfile_serialization=False)
+    assert_same_model(model, load_pretrained(path).eval())
+
+
 def test_llama2c_export_refuses_what_runc_cannot_compute(tmp_path):
     for overrides in (dict(norm_type="layernorm"), dict(norm_type="rmsnorm", rope_theta=500000.0),
                       dict(norm_type="rmsnorm", norm_eps=1e-6)):
