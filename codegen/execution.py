@@ -1,12 +1,13 @@
 """Run untrusted, model-generated Python in a separate, sandboxed process.
 
-    check_program(program, timeout=5.0, memory_mb=1024, sandbox=None) -> ExecResult
+    check_program(program, timeout=5.0, memory_mb=1024, sandbox=None, stdin="") -> ExecResult
     run_tests(program, test, entry_point, timeout=5.0, ...)           HumanEval-style check
+    run_io_tests(program, inputs, outputs, timeout=5.0, ...)          APPS-style stdin/stdout check
     sandbox_kind() -> "bwrap" | "rlimits"                             what check_program uses
 
 The program never runs inside the calling interpreter. Each call gets a fresh temporary
 working directory (removed afterwards), a scrubbed environment, `python -I` (isolated mode),
-stdin from /dev/null, its own session / process group, and resource limits (CPU seconds,
+the given stdin (empty by default), its own session / process group, and resource limits (CPU seconds,
 address space, file size, no core dumps, process count).
 
 Two sandboxes:
@@ -58,7 +59,7 @@ import time
 import warnings
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["ExecResult", "check_program", "run_tests", "sandbox_kind", "available_sandboxes",
+__all__ = ["ExecResult", "check_program", "run_tests", "run_io_tests", "sandbox_kind", "available_sandboxes",
            "SANDBOXES", "MAX_OUTPUT_BYTES"]
 
 logger = logging.getLogger(__name__)
@@ -505,7 +506,7 @@ def _bwrap_command(workdir: str, uid: int, launcher_args: Sequence[str]) -> List
 
 
 def _execute(program: str, timeout: float, memory_mb: int, kind: str,
-             drop_uid: Optional[bool] = None) -> ExecResult:
+             drop_uid: Optional[bool] = None, stdin: str = "") -> ExecResult:
     if drop_uid is None:
         drop_uid = _is_root() and (kind == "bwrap" or _rlimits_uid_drop_works())
     uid = _pick_uid() if drop_uid else -1
@@ -537,9 +538,11 @@ def _execute(program: str, timeout: float, memory_mb: int, kind: str,
                     python, "-I", "-B", "-u", target]
         argv = _bwrap_command(workdir, uid, launcher) if kind == "bwrap" else launcher
 
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        with tempfile.TemporaryFile() as inp, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            inp.write(stdin.encode("utf-8", "surrogateescape"))
+            inp.seek(0)
             start = time.monotonic()
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            proc = subprocess.Popen(argv, stdin=inp, stdout=out, stderr=err,
                                     cwd=workdir, env=_scrubbed_env(workdir),
                                     start_new_session=True, close_fds=True)
             try:
@@ -579,8 +582,8 @@ def _execute(program: str, timeout: float, memory_mb: int, kind: str,
 
 
 def check_program(program: str, timeout: float = 5.0, memory_mb: int = 1024,
-                  sandbox: Optional[str] = None) -> ExecResult:
-    """Run `program` as a Python script in a fresh sandboxed process.
+                  sandbox: Optional[str] = None, stdin: str = "") -> ExecResult:
+    """Run `program` as a Python script in a fresh sandboxed process, `stdin` as its standard input.
 
     status is "passed" (exit code 0), "failed" (non-zero exit, e.g. an exception, a failed
     assert, a syntax error, a sandbox refusal) or "timeout" (ran past `timeout` wall-clock
@@ -598,7 +601,30 @@ def check_program(program: str, timeout: float = 5.0, memory_mb: int = 1024,
         raise ValueError(f"unknown sandbox {sandbox!r}; expected one of {SANDBOXES}")
     elif sandbox == "bwrap" and not _bwrap_works():
         raise RuntimeError("the bwrap sandbox is not available on this machine")
-    return _execute(program, float(timeout), int(memory_mb), sandbox)
+    return _execute(program, float(timeout), int(memory_mb), sandbox, stdin=stdin)
+
+
+def _output_lines(text: str) -> List[str]:
+    lines = [line.rstrip() for line in text.strip("\n").split("\n")]
+    return lines if lines != [""] else []
+
+
+def run_io_tests(program: str, inputs: Sequence[str], outputs: Sequence[str], timeout: float = 5.0,
+                 memory_mb: int = 1024, sandbox: Optional[str] = None) -> ExecResult:
+    """APPS-style functional check: run the whole program once per test, input on stdin; it passes
+    when every run exits cleanly and prints the expected output (compared line by line, trailing
+    whitespace and blank lines at either end ignored). Stops at the first failing test."""
+    if len(inputs) != len(outputs) or not inputs:
+        raise ValueError(f"need as many outputs as inputs, at least one: got {len(inputs)} and {len(outputs)}")
+    for i, (given, expected) in enumerate(zip(inputs, outputs)):
+        result = check_program(program, timeout=timeout, memory_mb=memory_mb, sandbox=sandbox, stdin=given)
+        if result.passed and _output_lines(result.stdout) != _output_lines(expected):
+            return dataclasses.replace(result, status="failed", stderr=result.stderr + (
+                f"wrong output on test {i + 1} of {len(inputs)}: expected {expected[:200]!r}, "
+                f"got {result.stdout[:200]!r}\n"))
+        if not result.passed:
+            return result
+    return result
 
 
 def run_tests(program: str, test: str, entry_point: str, timeout: float = 5.0,

@@ -13,8 +13,11 @@ temperature 0 is greedy; otherwise top_p selects nucleus sampling, and without i
 epsilon sampling (llama.sample_next) is used. A completion ends at EOS (or a FIM sentinel), after
 max_new_tokens, or as soon as the continuation starts a new top-level statement: a line at column
 0 that is not blank (`def`, `class`, `if __name__`, `@`, or any other unindented code), outside
-strings, brackets and backslash continuations. Text is handed to on_text as soon as it is final, so
-the concatenation of the deltas is exactly the returned completion.
+strings, brackets and backslash continuations, once the code before it has a body: a prompt that
+ends inside a function stops at the first unindented line, one that ends at top level keeps its
+first definition (stop_top_level=False: EOS and length only, for whole programs). Text is handed
+to on_text as soon as it is final, so the concatenation of the deltas is exactly the returned
+completion.
 """
 import sys
 import time
@@ -37,7 +40,13 @@ _ANCHOR_TOKENS = 8  # prompt tokens decoded with the new ones, so their leading 
 class _TopLevelScanner:
     """Just enough of Python's lexer to find the first line of the continuation that starts a new
     top-level statement. Scans prompt + continuation, whole lines at a time, and remembers where it
-    got to, so calling cut() again with a longer continuation only scans the new lines."""
+    got to, so calling cut() again with a longer continuation only scans the new lines.
+
+    A column-0 line ends the completion only once the code it would follow has a body: an indented
+    line since the last column-0 statement (in the prompt or the continuation). So a prompt that
+    ends inside a function stops at the first unindented line, while a prompt that ends at top
+    level (a comment, imports, a task in prose, nothing) keeps the first definition it asked for
+    and stops after it."""
 
     def __init__(self, prompt: str = ""):
         self.prompt = prompt
@@ -48,11 +57,21 @@ class _TopLevelScanner:
         self.quote = None  # the open string's delimiter: ' " ''' """
         self.depth = 0  # open brackets
         self.continued = False  # the last scanned line ended with a backslash continuation
+        self.body = False  # an indented line came after the last column-0 statement
+        self.indent = False  # this line is indented and has shown only whitespace so far
         self.text = ""  # what was scanned, to check the next call extends it
 
-    def _line_start_cuts(self, s: str, j: int) -> bool:
-        """Is position j (a line start at statement level) the start of a top-level statement?"""
-        return j >= len(self.prompt) and j < len(s) and s[j] not in _WHITESPACE
+    def _line_start(self, s: str, j: int) -> bool:
+        """At a line start j at statement level: does the continuation stop here? Else update state."""
+        if j >= len(s) or s[j] == "\n":
+            return False  # not there yet, or a blank line
+        if s[j] in _WHITESPACE:
+            self.indent = True
+            return False
+        if j >= len(self.prompt) and self.body:
+            return True
+        self.body = False  # a new top-level statement: what follows is its body
+        return False
 
     def cut(self, continuation: str) -> Optional[int]:
         """Index into `continuation` where it must be cut, or None while no top-level line started."""
@@ -62,13 +81,17 @@ class _TopLevelScanner:
         n_prompt = len(self.prompt)
         i = self.scanned
         at_statement_level = self.quote is None and self.depth == 0 and not self.continued
-        if at_statement_level and (i == 0 or s[i - 1] == "\n") and self._line_start_cuts(s, i):
+        if at_statement_level and (i == 0 or s[i - 1] == "\n") and self._line_start(s, i):
             return i - n_prompt
         end = s.rfind("\n") + 1  # scan whole lines only: a quote's lookahead stays inside them
         quote, depth, continued = self.quote, self.depth, self.continued
         while i < end:
             c = s[i]
             continued = False  # set again just below when this is a backslash continuation
+            if self.indent and c not in _WHITESPACE:
+                self.body, self.indent = True, False
+            elif c == "\n":
+                self.indent = False
             if quote is not None:
                 if c == "\\":
                     i += 2  # skip the escaped character (a newline too: the string goes on)
@@ -94,7 +117,7 @@ class _TopLevelScanner:
                 continued = True
                 i += 2
                 continue
-            if c == "\n" and quote is None and depth == 0 and self._line_start_cuts(s, i + 1):
+            if c == "\n" and quote is None and depth == 0 and self._line_start(s, i + 1):
                 return i + 1 - n_prompt
             i += 1
         self.scanned, self.quote, self.depth, self.continued = i, quote, depth, continued
@@ -106,10 +129,11 @@ def stop_at_top_level(text: str, prompt: str = "") -> str:
     """`text` (the continuation of `prompt`) up to where it starts a new top-level statement.
 
     The cut comes before the first line of `text` that starts at column 0 with anything but
-    whitespace (`def `, `class `, `if __name__`, `@`, a comment, any unindented code), unless that
-    line lies inside a string, inside brackets, or after a backslash continuation. The first line of
-    `text` is only a line start when `prompt` is empty or ends with a newline. Blank lines before
-    the cut are kept."""
+    whitespace (`def `, `class `, `if __name__`, `@`, a comment, any unindented code) once the code
+    before it has a body (an indented line after the last column-0 statement, in the prompt or in
+    `text`), unless that line lies inside a string, inside brackets, or after a backslash
+    continuation. The first line of `text` is only a line start when `prompt` is empty or ends with
+    a newline. Blank lines before the cut are kept."""
     cut = _TopLevelScanner(prompt).cut(text)
     return text if cut is None else text[:cut]
 
@@ -168,9 +192,9 @@ class Completion:
 class _Row:
     """Decoding state of one completion."""
 
-    def __init__(self, prompt: str):
+    def __init__(self, prompt: str, stop_top_level: bool):
         self.new: List[int] = []
-        self.scanner = _TopLevelScanner(prompt)
+        self.scanner = _TopLevelScanner(prompt) if stop_top_level else None
         self.text = ""  # the continuation decoded so far, cut if a stop was found
         self.emitted = ""  # what on_text has been given
         self.stop_reason: Optional[str] = None
@@ -210,10 +234,12 @@ def _check_settings(max_new_tokens, temperature, top_p, epsilon):
 def generate_completions(model, tokenizer, prompt: str, n: int = 1, max_new_tokens: int = 256,
                          temperature: float = 0.0, top_p: Optional[float] = None, epsilon: float = 3e-4,
                          generator: Optional[torch.Generator] = None,
-                         on_text: Optional[Callable[[str], None]] = None) -> List[Completion]:
+                         on_text: Optional[Callable[[str], None]] = None,
+                         stop_top_level: bool = True) -> List[Completion]:
     """n completions of `prompt`, decoded together as one batch on a KV cache (all rows share the
     prompt, so there is no padding); each row stops on its own. on_text (n = 1 only) receives each
-    piece of text as soon as it is final. See the module docstring for the stopping rules."""
+    piece of text as soon as it is final. See the module docstring for the stopping rules;
+    stop_top_level=False keeps only EOS and max_new_tokens (for prompts asking for a whole program)."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     if n < 1:
@@ -228,7 +254,7 @@ def generate_completions(model, tokenizer, prompt: str, n: int = 1, max_new_toke
     anchor = prompt_ids[-_ANCHOR_TOKENS:]
     anchor_text = tokenizer.decode(anchor)
     stop_ids = _stop_ids(tokenizer)
-    rows = [_Row(prompt) for _ in range(n)]
+    rows = [_Row(prompt, stop_top_level) for _ in range(n)]
 
     def continuation(new: List[int]) -> str:
         text = tokenizer.decode(anchor + new)
@@ -264,7 +290,7 @@ def generate_completions(model, tokenizer, prompt: str, n: int = 1, max_new_toke
                         emit(row, final=True)
                         continue
                     text = continuation(row.new)
-                    cut = row.scanner.cut(text)
+                    cut = row.scanner.cut(text) if row.scanner else None
                     row.text = text if cut is None else text[:cut]
                     if cut is not None:
                         row.stop_reason = "top_level"

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from codegen import execution
-from codegen.execution import ExecResult, run_tests, sandbox_kind
+from codegen.execution import ExecResult, run_io_tests, run_tests, sandbox_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,6 +153,18 @@ def test_run_tests_builds_humaneval_check(sandbox):
                      sandbox=sandbox).passed
     bad = run_tests("def square(x):\n    return x + x\n", test, "square", timeout=5, sandbox=sandbox)
     assert bad.status == "failed" and "AssertionError" in bad.stderr
+
+
+def test_run_io_tests_feeds_stdin_and_compares_output(sandbox):
+    program = "n = int(input())\nfor i in range(n):\n    print(i * i, end=' \\n')\n"
+    assert run_io_tests(program, ["3\n", "1"], ["0\n1\n4\n", "0"], timeout=5, sandbox=sandbox).passed
+    wrong = run_io_tests(program, ["2\n", "3\n"], ["0\n1\n", "0\n1\n5\n"], timeout=5, sandbox=sandbox)
+    assert wrong.status == "failed" and "wrong output on test 2 of 2" in wrong.stderr
+    crash = run_io_tests(program, ["x\n"], ["0\n"], timeout=5, sandbox=sandbox)
+    assert crash.status == "failed" and "ValueError" in crash.stderr
+    assert not run_io_tests("print(input())", [""], [""], timeout=5, sandbox=sandbox).passed  # EOFError
+    with pytest.raises(ValueError):
+        run_io_tests(program, ["1"], [], sandbox=sandbox)
 
 
 @pytest.mark.parametrize("exit_call", ["raise SystemExit(0)", "import sys; sys.exit()", "import os; os._exit(0)"])

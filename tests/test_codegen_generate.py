@@ -28,7 +28,9 @@ BODY = "    return x\n"
     (BODY + "print(f(1))\n", BODY),  # any unindented code
     (BODY + "# a comment at column 0\n", BODY),
     (BODY + "x", BODY),  # decided as soon as the first character of the line is there
-    ("def g():\n    pass\n", ""),  # the continuation starts a new statement at once
+    ("def g():\n    pass\n", None),  # no body before it: the first definition is the one asked for
+    ("def g():\n    pass\ndef h(): pass\n", "def g():\n    pass\n"),  # ... and the next one stops it
+    ("import os\nimport sys\n\n@dec\nclass A:\n    x = 1\n\nprint(A)\n", "import os\nimport sys\n\n@dec\nclass A:\n    x = 1\n\n"),
     ("", ""),
     # not a stop: the body goes on, or the column-0 line is inside a string, brackets, a continuation
     (BODY + "   \n\t\n\n    y = 1\n", None),
@@ -53,6 +55,15 @@ def test_stop_at_top_level_after_a_prompt():
     assert stop_at_top_level("1,\n2)\ndef g", "def f():\n    return (") == "1,\n2)\n"
     # HumanEval-style prompts hold top-level code of their own: only the continuation counts
     assert stop_at_top_level(BODY, "import math\n\n\ndef f(x):\n    '''Doc.'''\n") == BODY
+    # a prompt that ends at top level (a comment, an import, a task in prose): its first definition
+    # is the completion, whatever comes first at column 0; the next top-level statement stops it
+    add = "def add(a, b):\n    return a + b\n\n"
+    assert stop_at_top_level(add + "print(add(1, 2))\n", "# Add two numbers\n") == add
+    assert stop_at_top_level("@cache\ndef f():\n    return 1\nx = f()\n", "import math\n") == "@cache\ndef f():\n    return 1\n"
+    script = "n = int(input())\nprint(n * 2)\n"
+    assert stop_at_top_level(script, "Write Python code to solve this problem: double n.\nOutput: 4\n") == script
+    # a prompt that opens a block ends it at the first column-0 line after its body
+    assert stop_at_top_level("    return x\ndef g", "def f(x):\n") == "    return x\n"
 
 
 @pytest.mark.parametrize("text", [
@@ -60,6 +71,8 @@ def test_stop_at_top_level_after_a_prompt():
     '    s = """\ndef not_a_stop():\n"""\n    return s\ndef g(): pass\n',
     "    x = 1 + \\\n2\n    y = [\n3]\n    return x\n@dec\n",
     "    t = 'a\\'b'  # comment (\n    return t\n",
+    "def g():\n    pass\nx = 1\n",
+    "import os\n\ndef g():\n    # c\n    pass\n@d\n",
 ])
 def test_incremental_scanning_agrees_with_one_shot(text):
     """complete() feeds the scanner ever longer text: it must cut exactly where the one-shot call does."""
@@ -197,6 +210,18 @@ def test_complete_stops_at_a_new_top_level_statement(tokenizer):
     assert model.steps < len(script)  # it stopped early, at the `def g` line
     result = generate_completions(ScriptedModel(script, tokenizer.eos_id), tokenizer, prompt, max_new_tokens=200)[0]
     assert result.stop_reason == "top_level" and result.text == text
+
+
+def test_whole_program_prompts_stop_only_at_eos(tokenizer):
+    prompt = "Write Python code to solve this problem: print n twice.\nOutput: 3\n3\n"
+    program = "def main():\n    n = int(input())\n    print(n)\n    print(n)\n\n\nmain()\n"
+    prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+    script = tokenizer.encode(prompt + program, bos=True, eos=False)[len(prompt_ids):]
+    whole = generate_completions(ScriptedModel(script, tokenizer.eos_id), tokenizer, prompt, max_new_tokens=200,
+                                 stop_top_level=False)[0]
+    assert whole.stop_reason == "eos" and whole.text == continuation(tokenizer, prompt_ids, script)
+    first = generate_completions(ScriptedModel(script, tokenizer.eos_id), tokenizer, prompt, max_new_tokens=200)[0]
+    assert first.stop_reason == "top_level" and first.text == program[: program.index("main()\n", 20)]
 
 
 def test_complete_stops_at_eos_and_after_max_new_tokens(tokenizer):
