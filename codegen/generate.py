@@ -219,6 +219,17 @@ def _stop_ids(tokenizer) -> set:
     return ids
 
 
+def check_prompt(prompt: str) -> None:
+    """A prompt must be text the tokenizer can take: a str without lone surrogates (what a JSON
+    "\\ud800" or undecodable command-line bytes turn into)."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"prompt is not valid Unicode text: {e.reason} at character {e.start}") from None
+
+
 def _check_settings(max_new_tokens, temperature, top_p, epsilon):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -240,8 +251,7 @@ def generate_completions(model, tokenizer, prompt: str, n: int = 1, max_new_toke
     prompt, so there is no padding); each row stops on its own. on_text (n = 1 only) receives each
     piece of text as soon as it is final. See the module docstring for the stopping rules;
     stop_top_level=False keeps only EOS and max_new_tokens (for prompts asking for a whole program)."""
-    if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    check_prompt(prompt)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if on_text is not None and n != 1:
@@ -349,7 +359,12 @@ def run(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        check_prompt(prompt)
+    except ValueError as e:  # UnicodeDecodeError from stdin too
+        print(f"error: --prompt: {e}", file=sys.stderr)
+        return 2
     seed_everything(args.seed)
     try:
         device = pick_device(args.use_gpu)

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from codegen.generate import generate_completions
+from codegen.generate import check_prompt, generate_completions
 from llama import CheckpointError
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
@@ -175,6 +175,10 @@ def parse_request(body: bytes, limit: int, default_tokens: int) -> dict:
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise RequestError(400, "prompt must be a non-empty string")
+    try:
+        check_prompt(prompt)
+    except ValueError as e:
+        raise RequestError(400, str(e)) from None
     max_new_tokens = data.get("max_new_tokens", default_tokens)
     if max_new_tokens is None:
         max_new_tokens = default_tokens

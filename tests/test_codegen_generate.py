@@ -307,3 +307,11 @@ def test_code_generate_cli_missing_checkpoint(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "missing.pt" in lines[0]
     assert result.stdout == ""
+
+
+def test_code_generate_cli_rejects_undecodable_prompt_bytes(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "run_llama.py"), "--option", "code_generate",
+                             "--pretrained-model-path", "missing.pt", "--prompt", b"def f(): \xff"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: --prompt: prompt is not valid Unicode text")

@@ -105,6 +105,7 @@ def test_oversized_body_is_413(server):
     {"prompt": "def f():", "temperature": -1},
     {"prompt": "def f():", "top_p": 1.5},
     {"prompt": "def f():", "extra": 1},
+    b'{"prompt": "def f(): \\ud800"}',  # a lone surrogate: valid JSON, not text the tokenizer takes
 ])
 def test_bad_requests_are_400_with_a_json_error(server, payload):
     status, headers, body = post(server, payload)
