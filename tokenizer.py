@@ -23,16 +23,16 @@ class Tokenizer:
         # Llama's tokenizer defines no padding piece (pad_id() is -1); like the course we pad with
         # the byte piece <0x00>, which never occurs in real text.
         self.pad_id = self.sp_model.piece_to_id("<0x00>")
-        self.max_len = max_len  # encode() truncates to this many tokens when set
+        self.max_len = max_len  # encode() keeps at most this many tokens of the text (BOS/EOS not counted)
 
     def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
         tokens = self.sp_model.encode(s)
+        if self.max_len is not None:
+            tokens = tokens[: self.max_len]  # the text's tokens, as the course does: BOS/EOS come on top
         if bos:
             tokens = [self.bos_id] + tokens
         if eos:
             tokens = tokens + [self.eos_id]
-        if self.max_len is not None:
-            tokens = tokens[: self.max_len]
         return tokens
 
     def decode(self, tokens: List[int]) -> str:

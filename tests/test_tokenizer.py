@@ -21,9 +21,14 @@ def test_encode_decode(tok):
     assert tok.encode("Hello world", bos=False, eos=False) == ids[1:-1]
 
 
-def test_max_len_truncates(tok):
+def test_max_len_truncates_the_text_before_bos_and_eos(tok):
+    """As the course's tokenizer: max_len counts the sentence's tokens; BOS and EOS are added after."""
     short = Tokenizer(max_len=3, tokenizer_model=str(asset_path("tokenizer.model")))
-    assert short.encode("one two three four five", bos=True, eos=False) == tok.encode("one two three four five", bos=True, eos=False)[:3]
+    text = tok.encode("one two three four five", bos=False, eos=False)
+    assert len(text) > 3
+    assert short.encode("one two three four five", bos=True, eos=True) == [tok.bos_id] + text[:3] + [tok.eos_id]
+    assert short.encode("one two three four five", bos=False, eos=False) == text[:3]
+    assert short.encode("one", bos=True, eos=False) == tok.encode("one", bos=True, eos=False)  # short: untouched
 
 
 def test_missing_model_says_what_to_do(tmp_path):
