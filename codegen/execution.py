@@ -224,6 +224,23 @@ def _sbx_install(WORKDIR, FORK_BUDGET):
         return real_open(path, flags, mode, dir_fd=dir_fd)
 
     os.open = posix.open = checked_open
+
+    def checked_node(real):  # mkfifo / mknod raise no audit event
+        def make(path, *args, dir_fd=None, **kwargs):
+            if not inside(path, dir_fd):
+                deny("%s(%r)" % (real.__name__, path))
+            return real(path, *args, dir_fd=dir_fd, **kwargs)
+        return make
+
+    os.mkfifo = posix.mkfifo = checked_node(posix.mkfifo)
+    os.mknod = posix.mknod = checked_node(posix.mknod)
+
+    import _posixsubprocess  # subprocess's fork + exec primitive raises no audit event either
+
+    def no_fork_exec(*args, **kwargs):
+        deny("starting programs (_posixsubprocess.fork_exec)")
+
+    _posixsubprocess.fork_exec = no_fork_exec
     sys.addaudithook(hook)
 
 

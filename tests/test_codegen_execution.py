@@ -292,6 +292,43 @@ def test_cannot_write_outside_workdir(sandbox, where):
             os.remove(target)
 
 
+@pytest.mark.parametrize("how", ["fork_exec", "mkfifo"])
+def test_no_unaudited_escape_hatches(sandbox, how):
+    """Primitives that raise no audit event: the fallback refuses them by hand; bwrap contains them."""
+    target = f"/tmp/codegen-sandbox-escape-{uuid.uuid4().hex}"
+    attempt = {
+        "fork_exec": f"""
+            import _posixsubprocess, os
+            sh = [b"/bin/sh", b"-c", b"echo escaped > {target}"]
+            args = (sh, [b"/bin/sh"], True, (), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(),
+                    False, False, -1, None, None, None, -1, None, False)
+            for n in range(len(args), 15, -1):  # its signature changes between Python versions
+                try:
+                    pid = _posixsubprocess.fork_exec(*args[:n])
+                    break
+                except TypeError:
+                    continue
+            os.waitpid(pid, 0)
+            print("STARTED")
+        """,
+        "mkfifo": f"""
+            import os
+            os.mkfifo({target!r})
+            print("STARTED")
+        """,
+    }[how]
+    try:
+        result = run(attempt, sandbox)
+        assert not os.path.exists(target)  # under bwrap the shell may start, but /tmp is its own
+        if sandbox == "rlimits":
+            assert "STARTED" not in result.stdout and result.status == "failed", result
+            assert "sandbox:" in result.stderr
+        assert_nothing_left(result)
+    finally:
+        if os.path.exists(target):
+            os.remove(target)
+
+
 KILL_ATTEMPTS = {
     "parent": "os.kill(os.getppid(), signal.SIGKILL)",
     "parent-group": "os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)",
