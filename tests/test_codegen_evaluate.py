@@ -70,6 +70,19 @@ def test_perfect_completions_score_perfectly():
     assert m["chrf"] == pytest.approx(100.0) and m["bleu"] == pytest.approx(100.0) and m["rouge_l"] == pytest.approx(1.0)
 
 
+def test_apps_records_run_the_whole_program_on_each_test_input():
+    apps = {"prompt": "Write Python code to solve this problem: print the sum of two numbers.\nInput: 1 2\nOutput: 3\n",
+            "code": "a, b = map(int, input().split())\nprint(a + b)\n", "name": "apps/1", "path": "apps/1",
+            "io": {"inputs": ["1 2\n", "10 -4\n"], "outputs": ["3\n", "6\n"]}}
+    completions = [apps["code"], "a, b = map(int, input().split())\nprint(a - b)\n", "print(3)\n"]
+    scored = score_samples([apps] * 3, completions, timeout=5.0)
+    samples = scored["samples"]
+    assert [s["exec_status"] for s in samples] == ["passed", "failed", "failed"]
+    assert "wrong output on test 1 of 2" in samples[1]["exec_error"]
+    assert "wrong output on test 2 of 2" in samples[2]["exec_error"]  # right on the first test only
+    assert all(s["syntax_valid"] for s in samples)  # the program alone is parsed, not prose + program
+
+
 def test_humaneval_metrics_use_the_unbiased_estimator():
     results = [{"greedy_passed": True, "n": 10, "c": 3}, {"greedy_passed": False, "n": 10, "c": 0},
                {"greedy_passed": False, "n": 10, "c": 10}]
