@@ -3,7 +3,7 @@
     extract_pairs(root)          walk .py files, one pair per documented function/method
     read_codexglue_jsonl(path)   CodeXGlue / CodeSearchNet code-to-text records -> pairs
     read_apps_jsonl(path)        APPS problems -> pairs (filtered: see apps_reject_reason)
-    dedupe(pairs)                drop exact and comment/whitespace-only duplicates, keep first
+    dedupe(pairs)                drop exact and near duplicates (see normalize_code), keep first
     filter_by_length(pairs, ..)  drop pairs longer than max_chars / max_tokens
     split_by_file(pairs, ..)     train/valid/test by source file, so no file is in two splits
     save_jsonl / load_jsonl      one JSON object per line; saving is atomic
@@ -26,6 +26,8 @@ odd code and would dominate the set), __pycache__ and hidden directories. Only d
 the root are checked, so a root that itself lives under tests/ still works.
 Functions whose docstring shares a line with the next statement (`"doc"; x = 1`) are skipped,
 as are the rare ones whose prompt + code does not re-parse once cut out (counted in Stats).
+Bad input (a missing root, a malformed jsonl line) raises DataError naming the file (and line);
+main() prints it as one `error: ...` line and exits 2 before writing anything.
 """
 import argparse
 import ast
@@ -42,7 +44,7 @@ import sysconfig
 import tempfile
 import tokenize
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 try:
@@ -58,18 +60,25 @@ SPLITS = ("train", "valid", "test")
 APPS_TEMPLATE = "Write Python code to solve this problem:\nProblem: {question}\nInput: {input}\nOutput: {output}\n"
 APPS_MAX_QUESTION_CHARS = 500   # question must be shorter than this
 APPS_MAX_SOLUTION_LINES = 400   # a solution must have fewer lines than this
+APPS_MAX_TESTS = 10             # stdin/stdout tests kept per problem for code_eval
+
+
+class DataError(ValueError):
+    """Bad input data or arguments, with the file (and line) to fix; main() exits 2 on it."""
 
 
 @dataclass
 class Stats:
     files_seen: int = 0
     files_skipped: int = 0        # unparsable: SyntaxError, UnicodeDecodeError, ValueError
+    files_unreadable: int = 0     # could not be opened or read (broken symlink, permissions): skipped
     functions_seen: int = 0       # every def / async def in the parsed files
     pairs: int = 0                # pairs extracted from source files
     functions_skipped: int = 0    # documented, non-trivial, but could not be cut out cleanly
     duplicates_removed: int = 0
     too_long: int = 0
     extra_pairs: int = 0          # pairs from CodeXGlue / APPS jsonl files
+    apps_rejected: dict = field(default_factory=dict)  # reason -> count, see apps_reject_reason
 
 
 def sha1(s: str) -> str:
@@ -189,11 +198,25 @@ def _progress(it, desc, total=None):
     return tqdm(it, desc=desc, total=total, unit="file", disable=not sys.stderr.isatty())
 
 
+def _source_files(root, exclude_dirs):
+    """iter_py_files, but a root that is missing or holds no .py files is an error: os.walk would
+    silently yield nothing and we would write an empty dataset over a good one."""
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a directory"
+        raise DataError(f"{root}: root {what}; pass --root DIR, a directory of .py files")
+    files = iter_py_files(root, exclude_dirs)
+    if not files:
+        skipped = ", ".join(sorted(exclude_dirs))
+        raise DataError(f"{root}: no .py files found (directories skipped: {skipped}, hidden ones); "
+                        "pass --root DIR with Python sources")
+    return files
+
+
 def extract_pairs(root=None, exclude_dirs=DEFAULT_EXCLUDE_DIRS):
     """Walk root (default: the stdlib) and return (pairs, Stats); see the module docstring."""
     root = Path(root) if root is not None else default_root()
     stats, pairs = Stats(), []
-    files = iter_py_files(root, exclude_dirs)
+    files = _source_files(root, exclude_dirs)
     for path in _progress(files, "extract", len(files)):
         stats.files_seen += 1
         rel = path.relative_to(root).as_posix()
@@ -201,6 +224,8 @@ def extract_pairs(root=None, exclude_dirs=DEFAULT_EXCLUDE_DIRS):
             source = read_source(path)
             with no_gc():
                 pairs += pairs_from_source(source, rel, stats)
+        except OSError:  # broken symlink, no permission: skip it like an unparsable file
+            stats.files_unreadable += 1
         except (SyntaxError, UnicodeDecodeError, ValueError, RecursionError):
             stats.files_skipped += 1
     stats.pairs = len(pairs)
@@ -211,24 +236,37 @@ def extract_pairs(root=None, exclude_dirs=DEFAULT_EXCLUDE_DIRS):
 # jsonl readers
 
 def iter_jsonl(path):
-    """(line number, dict) per non-blank line; a bad line raises ValueError naming file:line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """(line number, dict) per non-blank line; a bad line raises DataError naming file:line."""
+    with open(path, "rb") as f:  # bytes, decoded line by line, so a decoding error knows its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line); "
+                                "re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e}") from None
+                raise DataError(f"{path}:{lineno}: invalid JSON: {e}") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
 
 
-def _require(obj, keys, path, lineno):
+def _field_error(obj, key, expected, path, lineno):
+    return DataError(f"{path}:{lineno}: field {key!r} must be {expected}, got {json.dumps(obj[key])[:40]}")
+
+
+def _require(obj, keys, path, lineno, optional=()):
+    """Every key in `keys` present and a string; every key in `optional` a string or null if present."""
     missing = [k for k in keys if k not in obj]
     if missing:
-        raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
+        raise DataError(f"{path}:{lineno}: missing field(s) {missing}")
+    for k in (*keys, *optional):
+        if k in obj and not isinstance(obj[k], str) and not (k in optional and obj[k] is None):
+            raise _field_error(obj, k, "a string", path, lineno)
 
 
 def _comment_prompt(docstring: str) -> str:
@@ -257,12 +295,12 @@ def read_codexglue_jsonl(path):
     extracted functions. If it cannot be, the prompt is the docstring as # comments."""
     pairs = []
     for lineno, rec in iter_jsonl(path):
-        _require(rec, ("docstring", "code"), path, lineno)
+        _require(rec, ("docstring", "code"), path, lineno, optional=("func_name", "repo", "path"))
         cut = split_snippet(rec["code"])
         prompt, code = cut if cut else (_comment_prompt(rec["docstring"]), rec["code"])
         where = "/".join(str(rec[k]) for k in ("repo", "path") if rec.get(k))
         pairs.append({"prompt": prompt, "code": code, "docstring": rec["docstring"],
-                      "name": rec.get("func_name", ""), "path": where or f"{path}:{lineno}",
+                      "name": rec.get("func_name") or "", "path": where or f"{path}:{lineno}",
                       "file_hash": sha1(where) if where else sha1(rec["code"])})
     return pairs
 
@@ -328,19 +366,37 @@ def _fmt_example(x) -> str:
 
 
 def apps_pair(rec, where):
+    """The pair, and "io": the first APPS_MAX_TESTS tests of a standard-input problem (the program
+    reads stdin, prints its answer; codegen.evaluate runs them), or None for a call-based one."""
     ins, outs = _apps_io(rec)
     prompt = APPS_TEMPLATE.format(question=rec["question"], input=_fmt_example(ins[0]),
                                   output=_fmt_example(outs[0]))
     pid = rec.get("problem_id", rec.get("id"))
     name = f"apps/{pid}" if pid is not None else where
+    stdin_tests = all(isinstance(x, str) for x in ins + outs) and not _maybe_json(rec["input_output"]).get("fn_name")
+    io = {"inputs": ins[:APPS_MAX_TESTS], "outputs": outs[:APPS_MAX_TESTS]} if stdin_tests else None
     return {"prompt": prompt, "code": _apps_solutions(rec)[0], "docstring": rec["question"],
-            "name": name, "path": name, "file_hash": sha1(name)}
+            "name": name, "path": name, "file_hash": sha1(name), "io": io}
+
+
+# field -> (allowed types, in words); solutions and input_output are JSON strings in the raw dataset
+_APPS_FIELD_TYPES = {"question": (str, "a string"), "solutions": ((str, list), "a string or a list"),
+                     "input_output": ((str, dict), "a string or an object")}
+
+
+def _check_apps_types(rec, path, lineno):
+    """A field of the wrong JSON type means a broken file, not a problem to filter out: say where.
+    Missing, null, empty or unparseable-string fields are left to apps_reject_reason."""
+    for key, (types, words) in _APPS_FIELD_TYPES.items():
+        if rec.get(key) is not None and not isinstance(rec[key], types):
+            raise _field_error(rec, key, words, path, lineno)
 
 
 def read_apps_jsonl(path, reasons=None):
     """APPS records (question, solutions, input_output) -> pairs. `reasons`, a dict, counts rejects."""
     pairs = []
     for lineno, rec in iter_jsonl(path):
+        _check_apps_types(rec, path, lineno)
         why = apps_reject_reason(rec)
         if why:
             if reasons is not None:
@@ -356,7 +412,7 @@ def read_apps_jsonl(path, reasons=None):
 _DROP_TOKENS = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.ENCODING, tokenize.ENDMARKER}
 
 
-def normalize_code(text: str) -> str:
+def normalize_tokens(text: str) -> str:
     """Comments removed, whitespace collapsed (indent kept only as INDENT/DEDENT markers)."""
     try:
         toks = []
@@ -372,14 +428,81 @@ def normalize_code(text: str) -> str:
         return " ".join(text.split())
 
 
+def _local_names(tree):
+    """Names bound inside functions (arguments, assignment/loop/with/except targets), minus those
+    declared global or nonlocal, which name something outside the function."""
+    bound, declared = set(), set()
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.arg):
+                bound.add(node.arg)
+            elif isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+                bound.add(node.id)
+            elif isinstance(node, ast.ExceptHandler) and node.name:
+                bound.add(node.name)
+            elif isinstance(node, (ast.Global, ast.Nonlocal)):
+                declared.update(node.names)
+    return bound - declared
+
+
+class _Canonicalize(ast.NodeTransformer):
+    """Drop docstrings; rename local names to @0, @1, ... in order of first appearance. "@" cannot
+    start an identifier, so a new name never clashes with a global or builtin left as it is."""
+
+    def __init__(self, local_names):
+        self.local_names, self.renamed = local_names, {}
+
+    def _rename(self, name):
+        if name not in self.local_names:
+            return name
+        return self.renamed.setdefault(name, f"@{len(self.renamed)}")
+
+    def _drop_docstring(self, node):
+        if ast.get_docstring(node, clean=False) is not None:
+            node.body = node.body[1:] or [ast.Pass()]
+        return self.generic_visit(node)
+
+    visit_Module = visit_ClassDef = visit_FunctionDef = visit_AsyncFunctionDef = _drop_docstring
+
+    def visit_Name(self, node):
+        node.id = self._rename(node.id)
+        return node
+
+    def visit_arg(self, node):
+        node.arg = self._rename(node.arg)
+        return self.generic_visit(node)  # the annotation
+
+    def visit_ExceptHandler(self, node):
+        if node.name:
+            node.name = self._rename(node.name)
+        return self.generic_visit(node)
+
+
+def normalize_code(text: str) -> str:
+    """The dedupe key: code equal up to comments, layout, docstrings, string quotes and local names.
+
+    Parsed and unparsed with `ast` (which also normalises quotes and layout); text that does not
+    parse (APPS prompts, fragments) falls back to normalize_tokens."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(text)
+        return ast.unparse(_Canonicalize(_local_names(tree)).visit(tree))
+    except (SyntaxError, ValueError, RecursionError):
+        return normalize_tokens(text)
+
+
 def dedupe(pairs):
-    """Keep the first of pairs whose whole function (prompt + code) is equal up to comments/whitespace."""
+    """Keep the first of pairs whose whole function (prompt + code) has the same normalize_code key."""
     seen, out = set(), []
-    for p in pairs:
-        key = sha1(normalize_code(p["prompt"] + p["code"]))
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
+    with no_gc():
+        for p in pairs:
+            key = sha1(normalize_code(p["prompt"] + p["code"]))
+            if key not in seen:
+                seen.add(key)
+                out.append(p)
     return out
 
 
@@ -413,7 +536,7 @@ def split_by_file(pairs, valid=0.05, test=0.05, seed=0):
     Files are shuffled (sorted first, so the result depends only on the set of files and seed);
     pairs keep their input order inside each split."""
     if valid < 0 or test < 0 or valid + test >= 1:
-        raise ValueError(f"need 0 <= valid, test and valid + test < 1, got {valid}, {test}")
+        raise DataError(f"need 0 <= valid, test and valid + test < 1, got {valid}, {test}")
     files = sorted({p["file_hash"] for p in pairs})
     random.Random(seed).shuffle(files)
     n_valid, n_test = _split_sizes(len(files), valid, test)
@@ -490,13 +613,16 @@ def build_dataset(root=None, out_dir="data/codegen", encode=None, codexglue=(), 
         stats.extra_pairs += len(extra)
         pairs += extra
     for path in apps or ():
-        extra = read_apps_jsonl(path)
+        extra = read_apps_jsonl(path, stats.apps_rejected)
         stats.extra_pairs += len(extra)
         pairs += extra
     kept = dedupe(pairs)
     stats.duplicates_removed = len(pairs) - len(kept)
     short = filter_by_length(kept, max_chars, max_tokens, encode)
     stats.too_long = len(kept) - len(short)
+    if not short:  # an empty dataset is never what was meant: keep whatever out_dir holds
+        raise DataError(f"{out_dir}: nothing written, no pairs left ({len(pairs)} found, {stats.duplicates_removed} "
+                        f"duplicates, {stats.too_long} too long); check --root/--codexglue/--apps and the length limits")
     splits = split_by_file(short, valid, test, seed)
     paths = {name: save_jsonl(ps, Path(out_dir) / f"{name}.jsonl") for name, ps in splits.items()}
     if verbose:
@@ -506,8 +632,23 @@ def build_dataset(root=None, out_dir="data/codegen", encode=None, codexglue=(), 
 
 def _spm_encoder(model_path):
     import sentencepiece as spm  # only when asked for: token-based lengths
-    sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    except (OSError, RuntimeError) as e:  # sentencepiece reports a missing or bad file as RuntimeError
+        raise DataError(f"{model_path}: cannot load the --spm model ({e})") from None
     return sp.encode
+
+
+def length_encoder(spm_path=None):
+    """(encode, None) for --spm if given, else for the repo's tokenizer (MINILLAMA_TOKENIZER, else
+    tokenizer.model: found as tokenizer.Tokenizer finds it); (None, why) when there is none."""
+    if spm_path:
+        return _spm_encoder(spm_path), None
+    try:
+        from tokenizer import Tokenizer
+        return Tokenizer().sp_model.encode, None
+    except (ImportError, FileNotFoundError) as e:
+        return None, str(e)
 
 
 def main(argv=None):
@@ -518,17 +659,23 @@ def main(argv=None):
     ap.add_argument("--codexglue", action="append", default=[], help="CodeXGlue jsonl (repeatable)")
     ap.add_argument("--apps", action="append", default=[], help="APPS jsonl (repeatable)")
     ap.add_argument("--max-chars", type=int)
-    ap.add_argument("--max-tokens", type=int, help="needs --spm")
-    ap.add_argument("--spm", help="sentencepiece model for token lengths")
+    ap.add_argument("--max-tokens", type=int, help="needs a tokenizer model (default one, or --spm)")
+    ap.add_argument("--spm", help="sentencepiece model for token lengths (default: the repo's tokenizer.model)")
     ap.add_argument("--valid", type=float, default=0.05)
     ap.add_argument("--test", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    encode = _spm_encoder(args.spm) if args.spm else None
-    if args.max_tokens is not None and encode is None:
-        ap.error("--max-tokens needs --spm")
-    paths, _ = build_dataset(args.root, args.out, encode, args.codexglue, args.apps, args.max_chars,
-                             args.max_tokens, args.valid, args.test, args.seed, use_root=not args.no_root)
+    try:
+        encode, missing = length_encoder(args.spm)
+        if missing and args.max_tokens is not None:
+            ap.error(f"--max-tokens needs a tokenizer model, pass --spm MODEL: {missing}")
+        if missing:
+            print(f"note: lengths below are in characters, not tokens (pass --spm MODEL for tokens): {missing}")
+        paths, _ = build_dataset(args.root, args.out, encode, args.codexglue, args.apps, args.max_chars,
+                                 args.max_tokens, args.valid, args.test, args.seed, use_root=not args.no_root)
+    except (DataError, OSError) as e:  # OSError: a missing --codexglue/--apps/--spm file, an unwritable --out
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for name, p in paths.items():
         print(f"wrote {p}")
     return 0

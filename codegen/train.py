@@ -180,6 +180,34 @@ def read_pairs(path) -> list:
     return pairs
 
 
+def source_file(pair, index) -> str:
+    """The split unit of a pair: its file_hash as codegen.data writes it, else sha1 of its path,
+    else the pair itself (records from elsewhere may carry neither)."""
+    from codegen.data import sha1
+
+    if pair.get("file_hash"):
+        return str(pair["file_hash"])
+    if pair.get("path"):
+        return sha1(str(pair["path"]))
+    return f"pair {index}"
+
+
+def hold_out(pairs, seed, path, frac=0.05):
+    """(train, valid, files held out): about frac of the source files, at least one, go to valid.
+
+    Whole files, as codegen.data.split_by_file does, so that no file has pairs on both sides (its
+    other functions would leak into the validation loss). Files are sorted, then shuffled by seed."""
+    files = sorted({source_file(p, i) for i, p in enumerate(pairs)})
+    if len(files) < 2:
+        raise UsageError(f"{path}: {len(pairs)} pair(s) from {len(files)} source file(s) is too few to hold out "
+                         "a validation set without sharing a file with training; pass --valid_data")
+    random.Random(seed).shuffle(files)
+    held = set(files[: max(1, round(len(files) * frac))])
+    valid = [p for i, p in enumerate(pairs) if source_file(p, i) in held]
+    train = [p for i, p in enumerate(pairs) if source_file(p, i) not in held]
+    return train, valid, len(held)
+
+
 def load_data(args, say=print):
     """(train_pairs, valid_pairs, {"train": path, "valid": path})."""
     if args.train_data:
@@ -193,17 +221,10 @@ def load_data(args, say=print):
             valid = read_pairs(valid_path)
             say(f"no --valid_data: validating on {valid_path}")
         else:
-            if len(train) < 2:
-                raise UsageError(f"{train_path}: {len(train)} pair(s) is too few to hold out a validation set; "
-                                 "pass --valid_data")
-            order = list(range(len(train)))
-            random.Random(args.seed).shuffle(order)
-            n_valid = max(1, len(train) // 20)
-            held = set(order[:n_valid])
-            valid = [p for i, p in enumerate(train) if i in held]
-            train = [p for i, p in enumerate(train) if i not in held]
-            valid_path = f"{train_path} (held out {n_valid})"
-            say(f"no --valid_data: holding out {n_valid} of {train_path}'s pairs for validation")
+            train, valid, n_files = hold_out(train, args.seed, train_path)
+            valid_path = f"{train_path} (held out {len(valid)})"
+            say(f"no --valid_data: holding out {len(valid)} of {train_path}'s pairs ({n_files} source file(s)) "
+                "for validation")
     else:
         if args.valid_data:
             raise UsageError("--valid_data needs --train_data too")

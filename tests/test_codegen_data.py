@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from codegen import data
-from codegen.data import (Stats, apps_reject_reason, build_dataset, dedupe, extract_pairs,
+from codegen.data import (DataError, Stats, apps_reject_reason, build_dataset, dedupe, extract_pairs,
                           filter_by_length, length_percentiles, load_jsonl, normalize_code,
                           read_apps_jsonl, read_codexglue_jsonl, save_jsonl, split_by_file, summary)
+from conftest import asset_path
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "pytree"
 
@@ -107,6 +108,25 @@ def test_undecodable_and_null_byte_files_are_skipped(tmp_path):
     assert [p["docstring"] for p in pairs] == ["caf\u00e9"]
 
 
+def test_broken_symlink_is_skipped_and_counted(tmp_path):
+    (tmp_path / "good.py").write_text('def f():\n    """Doc."""\n    return 1\n')
+    (tmp_path / "gone.py").symlink_to(tmp_path / "no_such_target.py")
+    pairs, stats = extract_pairs(tmp_path)
+    assert [p["name"] for p in pairs] == ["f"]
+    assert (stats.files_seen, stats.files_unreadable, stats.files_skipped) == (2, 1, 0)
+
+
+def test_bad_root_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="nonexistent: root does not exist"):
+        extract_pairs(tmp_path / "nonexistent")
+    with pytest.raises(DataError, match="file.py: root is not a directory"):
+        extract_pairs(write_lines(tmp_path / "file.py", ["x = 1"]))
+    (tmp_path / "empty" / "tests").mkdir(parents=True)
+    write_lines(tmp_path / "empty" / "tests" / "t.py", ["x = 1"])  # excluded directory
+    with pytest.raises(DataError, match="empty: no .py files found"):
+        extract_pairs(tmp_path / "empty")
+
+
 def test_crlf_and_tabs(tmp_path):
     (tmp_path / "m.py").write_bytes(
         b'class A:\r\n\tdef f(self):\r\n\t\t"""Tabbed."""\r\n\t\treturn 1\r\n')
@@ -124,9 +144,42 @@ def test_dedupe_exact_and_comment_whitespace_variants():
     spaces = dict(base, code="    y=x+1\n\n\n    return   y   \n", path="d.py")
     reindented = dict(base, prompt='def f(x):\n  """Doc."""\n', code="  y = x + 1\n  return y\n", path="r.py")
     other = dict(base, code="    y = x + 2\n    return y\n", path="e.py")
-    other_doc = dict(base, prompt='def f(x):\n    """Other doc."""\n', path="f.py")
+    other_doc = dict(base, prompt='def f(x):\n    """Other doc."""\n', path="f.py")  # docstrings don't count
     kept = dedupe([base, exact, comment, spaces, reindented, other, other_doc])
-    assert [p["path"] for p in kept] == ["a.py", "e.py", "f.py"]
+    assert [p["path"] for p in kept] == ["a.py", "e.py"]
+
+
+def test_dedupe_collapses_docstring_quote_and_local_name_variants():
+    plain = ('def scale(xs, k=2):\n    """Multiply each item by k."""\n',
+             '    out = []\n    for x in xs:\n        out.append(x * k)\n    return ", ".join(map(str, out))\n')
+    variants = [
+        plain,
+        ("def scale(xs, k=2):\n    '''Scale a list.\n\n    Returns a string.\n    '''\n",  # docstring
+         plain[1]),
+        (plain[0], plain[1].replace('", "', "', '")),  # quotes
+        ('def scale(values, factor=2):\n    """Multiply each item by k."""\n',  # local names
+         '    result = []\n    for v in values:\n        result.append(v * factor)\n'
+         '    return ", ".join(map(str, result))\n'),
+        (plain[0], '    # collect the products\n    out = []\n    for x in xs:  # every item\n'  # comments
+                   '        out.append(x * k)\n    return ", ".join(map(str, out))  # as text\n'),
+    ]
+    pairs = [pair(prompt, code, "d", "scale", f"v{i}.py") for i, (prompt, code) in enumerate(variants)]
+    assert [p["path"] for p in dedupe(pairs)] == ["v0.py"]
+
+
+def test_dedupe_keeps_genuinely_different_functions():
+    prompt = 'def scale(xs, k):\n    """Doc."""\n'
+    bodies = ["    return [x * k for x in xs]\n",
+              "    return [x + k for x in xs]\n",  # another operator
+              "    return [x * x for x in xs]\n",  # two locals are not interchangeable
+              "    return [x * K for x in xs]\n",  # K is a global: not renamed
+              "    return [x.k for x in xs]\n",  # attributes are not renamed
+              '    return [x * k for x in xs] or "k"\n',  # string contents count
+              "    global total\n    total = k\n    return xs\n",  # sets the global total ...
+              "    global total\n    count = k\n    return xs\n"]  # ... this sets a local
+
+    pairs = [pair(prompt, body, "Doc.", "scale", f"b{i}.py") for i, body in enumerate(bodies)]
+    assert dedupe(pairs) == pairs
 
 
 def test_dedupe_fixture_drops_the_copy_in_the_second_file():
@@ -138,6 +191,14 @@ def test_dedupe_fixture_drops_the_copy_in_the_second_file():
 def test_normalize_code_falls_back_for_non_python():
     assert normalize_code("if x:\n  (  unbalanced  \n") == "if x: ( unbalanced"
     assert normalize_code("x = 1  # c\n") == normalize_code("x=1\n")
+
+
+def test_normalize_code_renames_locals_in_order_of_first_appearance():
+    src = ('def f(a, *b, c=1, **d):\n    """Doc."""\n    try:\n        e = len(a)\n'
+           '    except KeyError as err:\n        raise ValueError from err\n    return (lambda q: q)(e)\n')
+    assert normalize_code(src) == ("def f(@0, *@1, @2=1, **@3):\n    try:\n        @4 = len(@0)\n"
+                                   "    except KeyError as @5:\n        raise ValueError from @5\n"
+                                   "    return (lambda @6: @6)(@4)")
 
 
 def test_filter_by_length():
@@ -204,7 +265,15 @@ def test_save_load_roundtrip_is_atomic(tmp_path):
 @pytest.mark.parametrize("reader", [load_jsonl, read_codexglue_jsonl, read_apps_jsonl])
 def test_bad_jsonl_line_names_file_and_line(tmp_path, reader):
     path = write_lines(tmp_path / "bad.jsonl", ['{"docstring": "d", "code": "x"}', "", "{not json"])
-    with pytest.raises(ValueError, match=rf"bad\.jsonl:3: invalid JSON"):
+    with pytest.raises(DataError, match=rf"bad\.jsonl:3: invalid JSON"):
+        reader(path)
+
+
+@pytest.mark.parametrize("reader", [load_jsonl, read_codexglue_jsonl, read_apps_jsonl])
+def test_invalid_utf8_names_file_and_line(tmp_path, reader):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"docstring": "d", "code": "x"}\n{"docstring": "caf\xe9", "code": "x"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:2: not valid UTF-8"):
         reader(path)
 
 
@@ -261,6 +330,13 @@ def test_apps_filter_boundaries_accept():
     assert apps_reject_reason(decoded) is None
 
 
+def test_apps_keeps_at_most_ten_stdin_tests(tmp_path):
+    many = dict(GOOD_APPS, input_output={"inputs": [f"{i} 1\n" for i in range(25)],
+                                         "outputs": [f"{i + 1}\n" for i in range(25)]})
+    pair = read_apps_jsonl(write_lines(tmp_path / "apps.jsonl", [json.dumps(many)]))[0]
+    assert pair["io"]["inputs"] == [f"{i} 1\n" for i in range(10)] and pair["io"]["outputs"][-1] == "10\n"
+
+
 def test_read_apps_jsonl(tmp_path):
     recs = [GOOD_APPS] + [BAD_APPS[k] for k in sorted(BAD_APPS)]
     recs.append(dict(GOOD_APPS, problem_id=8, solutions=["print(1)\n" * 400, "print(2)\n"],
@@ -272,12 +348,28 @@ def test_read_apps_jsonl(tmp_path):
                                 "Input: 1 2\nOutput: 3\n",
                       "code": "a, b = map(int, input().split())\nprint(a + b)\n",
                       "docstring": "Add two numbers.", "name": "apps/7", "path": "apps/7",
-                      "file_hash": h("apps/7")}
+                      "file_hash": h("apps/7"),
+                      "io": {"inputs": ["1 2\n", "3 4\n"], "outputs": ["3\n", "7\n"]}}  # stdin tests, for code_eval
     assert got[1]["code"] == "print(2)\n"  # the first solution short enough
     assert got[1]["prompt"].endswith("Input: [1, 2]\nOutput: 3\n")
+    assert got[1]["io"] is None  # call-based tests (arguments, not stdin): none to run
     assert len(got) == 2
     assert reasons == {"no_solutions": 2, "question_too_long": 1, "solution_too_long": 1,
                        "bad_input_output": 4}
+
+
+@pytest.mark.parametrize("reader, record, field", [
+    (read_codexglue_jsonl, {"docstring": "d", "code": 5}, "code"),
+    (read_codexglue_jsonl, {"docstring": ["d"], "code": "x"}, "docstring"),
+    (read_codexglue_jsonl, {"docstring": "d", "code": "x", "func_name": 3}, "func_name"),
+    (read_apps_jsonl, dict(GOOD_APPS, question=5), "question"),
+    (read_apps_jsonl, dict(GOOD_APPS, solutions=5), "solutions"),
+    (read_apps_jsonl, dict(GOOD_APPS, input_output=[1]), "input_output"),
+])
+def test_wrong_field_type_names_file_line_and_field(tmp_path, reader, record, field):
+    path = write_lines(tmp_path / "typed.jsonl", ["", json.dumps(record)])
+    with pytest.raises(DataError, match=rf"typed\.jsonl:2: field '{field}' must be"):
+        reader(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,7 +397,9 @@ def test_build_dataset_fixture(tmp_path, capsys):
     assert_disjoint(splits, sum(splits.values(), []))
     assert sum(map(len, splits.values())) == 10 - 1 + 1  # one duplicate removed, one APPS pair added
     assert (stats.pairs, stats.extra_pairs, stats.duplicates_removed, stats.too_long) == (10, 1, 1, 0)
-    assert "files_skipped" in capsys.readouterr().out
+    assert stats.apps_rejected == {"bad_input_output": 1}
+    out = capsys.readouterr().out
+    assert "files_skipped" in out and "'apps_rejected': {'bad_input_output': 1}" in out
     _, stats = build_dataset(FIXTURE, tmp_path / "out2", max_chars=60, verbose=False)
     assert stats.too_long == 6  # all but add, square and Circle.Unit.scale
 
@@ -315,6 +409,43 @@ def test_main_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote" in out and "pairs" in out
     assert sorted(os.listdir(tmp_path)) == ["test.jsonl", "train.jsonl", "valid.jsonl"]
+
+
+def test_main_reports_token_lengths_when_the_tokenizer_is_there(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MINILLAMA_TOKENIZER", str(asset_path("tokenizer.model")))
+    assert data.main(["--out", str(tmp_path), "--root", str(FIXTURE)]) == 0
+    out = capsys.readouterr().out
+    assert "train:" in out and "tokens p50=" in out and "chars" not in out and "note:" not in out
+
+
+def test_main_falls_back_to_chars_with_a_note(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MINILLAMA_TOKENIZER", str(tmp_path / "missing.model"))
+    assert data.main(["--out", str(tmp_path / "out"), "--root", str(FIXTURE)]) == 0
+    out = capsys.readouterr().out
+    assert "note: lengths below are in characters" in out and "missing.model" in out
+    assert "chars p50=" in out and "tokens p50=" not in out
+    with pytest.raises(SystemExit):  # argparse's usage error, exit status 2
+        data.main(["--out", str(tmp_path / "out"), "--root", str(FIXTURE), "--max-tokens", "9"])
+    assert "--max-tokens needs a tokenizer model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--root", "/nonexistent"], "/nonexistent: root does not exist"),
+    (["--no-root", "--codexglue", "{bad}"], "bad.jsonl:2: invalid JSON"),
+    (["--no-root", "--apps", "{missing}"], "No such file or directory"),
+    (["--no-root"], "nothing written, no pairs left"),
+    (["--root", str(FIXTURE), "--valid", "0.6", "--test", "0.6"], "valid + test < 1"),
+])
+def test_main_errors_are_one_line_and_write_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.jsonl").write_text("an earlier build\n")
+    bad = write_lines(tmp_path / "bad.jsonl", ['{"docstring": "d", "code": "x"}', "{not json"])
+    argv = [a.format(bad=bad, missing=tmp_path / "missing.jsonl") for a in argv]
+    assert data.main(["--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert os.listdir(out) == ["train.jsonl"] and (out / "train.jsonl").read_text() == "an earlier build\n"
 
 
 def test_stdlib_sanity():

@@ -1,5 +1,6 @@
 """Tests for codegen/train.py (`run_llama.py --option codegen`): loss masking, batching, the LR schedule,
 LoRA merging, and end-to-end runs on a tiny synthetic checkpoint with ~50 synthetic docstring -> code pairs."""
+import argparse
 import csv
 import io
 import json
@@ -16,8 +17,8 @@ import torch.nn.functional as F
 
 from codegen import cli
 from codegen.common import CodeTokenizer, load_code_model
-from codegen.train import (IGNORE, collate, has_loss, loss_sum, lr_at, make_batches, make_example,
-                           merged_state_dict, setup_trainable, trainable_parameters)
+from codegen.train import (IGNORE, UsageError, collate, has_loss, load_data, loss_sum, lr_at, make_batches,
+                           make_example, merged_state_dict, setup_trainable, trainable_parameters)
 from config import LlamaConfig
 from conftest import ROOT, asset_path
 from helpers import save_stories_pt
@@ -168,6 +169,39 @@ def test_no_gradient_reaches_the_logits_of_prompt_or_padding_positions(tok):
     assert scored.sum() == count
     mean = F.cross_entropy(captured[0][:, :-1].reshape(-1, 32000), targets[:, 1:].reshape(-1))  # ignore_index=-100
     assert math.isclose((total / count).item(), mean.item(), rel_tol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation hold-out
+
+
+def held_out_split(tmp_path, pairs, seed=0):
+    """load_data on a train file with no valid.jsonl beside it: (train, valid) pairs."""
+    path = write_jsonl(tmp_path / "only_train.jsonl", pairs)
+    args = argparse.Namespace(train_data=str(path), valid_data=None, seed=seed, valid_limit=None)
+    train, valid, _ = load_data(args, say=lambda *a: None)
+    return train, valid
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_held_out_validation_never_shares_a_source_file_with_training(tmp_path, seed):
+    pairs = [dict(p, path=f"pkg/mod{i % 40}.py") for i, p in enumerate(synthetic_pairs(400))]
+    train, valid = held_out_split(tmp_path, pairs, seed)
+    assert not {p["path"] for p in train} & {p["path"] for p in valid}
+    assert len({p["path"] for p in valid}) == 2  # 5% of 40 files
+    assert sorted(map(json.dumps, train + valid)) == sorted(map(json.dumps, pairs))
+    # codegen.data records carry file_hash, which wins over path
+    hashed = [dict(p, file_hash=f"h{i % 3}", path=f"p{i}.py") for i, p in enumerate(pairs[:60])]
+    train, valid = held_out_split(tmp_path, hashed, seed)
+    assert not {p["file_hash"] for p in train} & {p["file_hash"] for p in valid}
+
+
+def test_held_out_validation_without_file_fields_is_per_pair_and_one_file_is_an_error(tmp_path):
+    bare = [{"prompt": p["prompt"], "code": p["code"]} for p in synthetic_pairs(40)]
+    train, valid = held_out_split(tmp_path, bare)
+    assert (len(train), len(valid)) == (38, 2)
+    with pytest.raises(UsageError, match="from 1 source file"):
+        held_out_split(tmp_path, [dict(p, path="same.py") for p in bare])
 
 
 # ----------------------------------------------------------------------------------------------
