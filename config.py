@@ -21,6 +21,12 @@ class LlamaConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
+        sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of", "max_seq_len")
+        bad = [f"{name}={getattr(self, name)!r}" for name in sizes if getattr(self, name) is not None
+               and (isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int)
+                    or getattr(self, name) < 1)]
+        if bad:
+            raise ValueError("invalid LlamaConfig: sizes must be positive integers: " + ", ".join(bad))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:

@@ -438,7 +438,10 @@ def _load_torch_checkpoint(path: Path, overrides: dict):
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(checkpoint, dict) or "model_args" not in checkpoint or "model" not in checkpoint:
         raise CheckpointError(f"{path}: expected a dict with 'model_args' and 'model' (the stories42M.pt format)")
-    config = LlamaConfig.from_model_args({"norm_type": "layernorm", **checkpoint["model_args"]}, **overrides)
+    try:
+        config = LlamaConfig.from_model_args({"norm_type": "layernorm", **checkpoint["model_args"]}, **overrides)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path}: its model_args do not make a valid config ({e})") from None
     return config, checkpoint["model"]
 
 

@@ -32,6 +32,17 @@ GENERATE_PROMPT = ("Victor Frankenstein, a young scientist obsessed with uncover
 
 CODEGEN_OPTIONS = ("codegen", "code_eval", "code_generate", "serve")
 
+# Numeric flags with a limited range: name -> (whether a value is valid, the rule the message states).
+VALUE_RULES = {
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "epochs": (lambda v: v >= 1, ">= 1 (training saves the model of its best epoch)"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "lora_rank": (lambda v: v >= 1, ">= 1"),
+    "lora_alpha": (lambda v: v > 0, "> 0"),
+    "hidden_dropout_prob": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "max_sentence_len": (lambda v: v is None or v >= 1, ">= 1 (tokens kept of each sentence; BOS comes on top)"),
+}
+
 
 class UsageError(Exception):
     """A problem the user can fix; main() prints the message and exits with status 2."""
@@ -44,12 +55,28 @@ class DataError(UsageError):
 # ----------------------------------------------------------------------------------------------
 # Data
 
+UNKNOWN_LABEL = -1  # the course's placeholder for test labels it does not publish
+
+
+def read_text(path, what) -> str:
+    """The text of a UTF-8 file, or a DataError naming the file (and the line of an undecodable byte)."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found (run `bash setup.sh` to place data/)") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the {what} ({e.strerror}); pass the path of a file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {data[e.start]:#04x}); "
+                        "save the file as UTF-8") from None
+
 
 def read_label_names(path) -> list:
     try:
-        names = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: label-name file not found") from None
+        names = json.loads(read_text(path, "label-name file"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
@@ -57,30 +84,41 @@ def read_label_names(path) -> list:
     return names
 
 
-def read_data(path, num_labels: int) -> list:
-    """[(label, sentence)] from `label ||| sentence` lines, checking every line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: data file not found (run `bash setup.sh` to place data/)") from None
-    examples = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        label, sep, sentence = line.partition(" ||| ")
-        if not sep:
-            raise DataError(f"{path}:{lineno}: expected `label ||| sentence`, got {line[:60]!r}")
-        try:
-            label = int(label.strip())
-        except ValueError:
-            raise DataError(f"{path}:{lineno}: label {label.strip()!r} is not an integer") from None
-        if not 0 <= label < num_labels:
-            raise DataError(f"{path}:{lineno}: label {label} is outside 0..{num_labels - 1}, "
-                            f"but the label-name file lists {num_labels} labels")
-        examples.append((label, sentence.strip()))
+def read_data(path, num_labels: int, unknown_ok=False) -> list:
+    """[(label, sentence)] from `label ||| sentence` lines, checking every line. With unknown_ok,
+    a file may label every line UNKNOWN_LABEL (placeholders: nothing to score against)."""
+    lines = read_text(path, "data file").split("\n")
+    if lines[-1] == "":  # the final newline ends the last line rather than starting another
+        lines.pop()
+    examples = [parse_line(path, lineno, line, num_labels, unknown_ok) for lineno, line in enumerate(lines, start=1)]
     if not examples:
         raise DataError(f"{path}: no examples (empty file)")
+    unknown = [lineno for lineno, (label, _) in enumerate(examples, start=1) if label == UNKNOWN_LABEL]
+    if unknown and len(unknown) < len(examples):
+        raise DataError(f"{path}:{unknown[0]}: label {UNKNOWN_LABEL} (unknown) in a file with known labels; "
+                        f"use {UNKNOWN_LABEL} on every line or on none")
     return examples
+
+
+def parse_line(path, lineno, line, num_labels, unknown_ok):
+    """(label, sentence) of one `label ||| sentence` line, or a DataError naming path:lineno."""
+    if not line.strip():
+        raise DataError(f"{path}:{lineno}: blank line; every line must be `label ||| sentence` "
+                        "(each gets one output line)")
+    label, sep, sentence = line.partition(" ||| ")
+    if not sep:
+        raise DataError(f"{path}:{lineno}: expected `label ||| sentence`, got {line[:60]!r}")
+    try:
+        label = int(label.strip())
+    except ValueError:
+        raise DataError(f"{path}:{lineno}: label {label.strip()!r} is not an integer") from None
+    if label == UNKNOWN_LABEL and not unknown_ok:
+        raise DataError(f"{path}:{lineno}: label {UNKNOWN_LABEL} (unknown) is not allowed here: training needs "
+                        f"known labels in --train and --dev ({UNKNOWN_LABEL} placeholders are fine in --test)")
+    if not (0 <= label < num_labels or label == UNKNOWN_LABEL):
+        raise DataError(f"{path}:{lineno}: label {label} is outside 0..{num_labels - 1}, "
+                        f"but the label-name file lists {num_labels} labels")
+    return label, sentence.strip()
 
 
 def encode_all(examples, tokenizer, suffix=""):
@@ -117,7 +155,7 @@ def zero_shot_suffix(label_names) -> str:
 
 @torch.no_grad()
 def model_eval(data, model, args, device, desc="eval"):
-    """Accuracy, macro-F1, predictions and sentences, in input order."""
+    """Accuracy (None when the labels are UNKNOWN_LABEL placeholders), predictions and sentences, in input order."""
     model.eval()
     preds, golds, sents = [], [], []
     n_batches = (len(data) + args.batch_size - 1) // args.batch_size
@@ -128,18 +166,15 @@ def model_eval(data, model, args, device, desc="eval"):
         preds += scores.argmax(dim=-1).tolist()
         golds += labels.tolist()
         sents += batch_sents
-    accuracy = sum(p == g for p, g in zip(preds, golds)) / len(golds)
-    return accuracy, macro_f1(golds, preds), preds, sents
+    if golds[0] == UNKNOWN_LABEL:  # read_data allows placeholders only on every line of a file
+        return None, preds, sents
+    return sum(p == g for p, g in zip(preds, golds)) / len(golds), preds, sents
 
 
-def macro_f1(golds, preds) -> float:
-    scores = []
-    for label in sorted(set(golds) | set(preds)):
-        tp = sum(g == p == label for g, p in zip(golds, preds))
-        fp = sum(p == label != g for g, p in zip(golds, preds))
-        fn = sum(g == label != p for g, p in zip(golds, preds))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return sum(scores) / len(scores)
+def accuracy_line(split, accuracy) -> str:
+    if accuracy is None:
+        return f"{split} acc :: unavailable (labels are {UNKNOWN_LABEL} placeholders)"
+    return f"{split} acc :: {accuracy :.3f}"
 
 
 def predictions_text(preds, sents) -> str:
@@ -148,10 +183,10 @@ def predictions_text(preds, sents) -> str:
 
 def evaluate_and_write(model, dev, test, args, device):
     """Evaluate dev and test, print accuracies in the course's format, then write both files."""
-    dev_acc, _, dev_pred, dev_sents = model_eval(dev, model, args, device, "eval-dev")
-    test_acc, _, test_pred, test_sents = model_eval(test, model, args, device, "eval-test")
-    print(f"dev acc :: {dev_acc :.3f}")
-    print(f"test acc :: {test_acc :.3f}")
+    dev_acc, dev_pred, dev_sents = model_eval(dev, model, args, device, "eval-dev")
+    test_acc, test_pred, test_sents = model_eval(test, model, args, device, "eval-test")
+    print(accuracy_line("dev", dev_acc))
+    print(accuracy_line("test", test_acc))
     atomic_write_text(args.dev_out, predictions_text(dev_pred, dev_sents))
     atomic_write_text(args.test_out, predictions_text(test_pred, test_sents))
     print(f"wrote {args.dev_out} and {args.test_out}")
@@ -183,9 +218,19 @@ def prepare(model, args, device):
     return model.to(device)
 
 
+def check_vocab(llama, tokenizer, path):
+    """A checkpoint trained with a smaller tokenizer would fail deep inside the embedding lookup."""
+    if llama.config.vocab_size < tokenizer.n_words:
+        raise CheckpointError(f"{path}: the checkpoint's vocabulary has {llama.config.vocab_size} tokens, fewer than "
+                              f"the tokenizer's {tokenizer.n_words}; pass --pretrained-model-path to a checkpoint "
+                              "trained with this tokenizer (e.g. stories42M.pt)")
+
+
 def generate_sentences(args, device):
-    llama = prepare(load_pretrained(args.pretrained_model_path), args, device).eval()
     tokenizer = Tokenizer(args.max_sentence_len)
+    llama = load_pretrained(args.pretrained_model_path)
+    check_vocab(llama, tokenizer, args.pretrained_model_path)
+    llama = prepare(llama, args, device).eval()
     prompt = torch.tensor([tokenizer.encode(GENERATE_PROMPT, bos=True, eos=False)], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for temperature, outfile in ((0.0, args.generated_sentence_low_temp_out), (1.0, args.generated_sentence_high_temp_out)):
@@ -202,10 +247,12 @@ def test_with_prompting(args, device):
     tokenizer = Tokenizer(args.max_sentence_len)
     label_names = read_label_names(args.label_names)
     suffix = zero_shot_suffix(label_names)
-    dev = encode_all(read_data(args.dev, len(label_names)), tokenizer, suffix)
-    test = encode_all(read_data(args.test, len(label_names)), tokenizer, suffix)
+    dev = encode_all(read_data(args.dev, len(label_names), unknown_ok=True), tokenizer, suffix)
+    test = encode_all(read_data(args.test, len(label_names), unknown_ok=True), tokenizer, suffix)
     config = SimpleNamespace(pretrained_model_path=args.pretrained_model_path, num_labels=len(label_names))
-    model = prepare(LlamaZeroShotClassifier(config, tokenizer, label_names), args, device)
+    model = LlamaZeroShotClassifier(config, tokenizer, label_names)
+    check_vocab(model.llama, tokenizer, args.pretrained_model_path)
+    model = prepare(model, args, device)
     return evaluate_and_write(model, dev, test, args, device)
 
 
@@ -215,10 +262,12 @@ def train(args, device):
     num_labels = len(read_label_names(args.label_names))
     train_data = encode_all(read_data(args.train, num_labels), tokenizer)
     dev = encode_all(read_data(args.dev, num_labels), tokenizer)
-    test = encode_all(read_data(args.test, num_labels), tokenizer)  # checked now, not after training
+    test = encode_all(read_data(args.test, num_labels, unknown_ok=True), tokenizer)  # checked now, not after training
     config = SimpleNamespace(hidden_dropout_prob=args.hidden_dropout_prob, pretrained_model_path=args.pretrained_model_path,
                              num_labels=num_labels, option=args.option, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
-    model = prepare(LlamaEmbeddingClassifier(config), args, device)
+    model = LlamaEmbeddingClassifier(config)
+    check_vocab(model.llama, tokenizer, args.pretrained_model_path)
+    model = prepare(model, args, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     print(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,}")
     optimizer = AdamW(trainable, lr=args.lr, foreach=device.type == "cuda")
@@ -310,10 +359,22 @@ def get_args(argv=None):
                         help="fused attention kernel (default: on for GPU, off for CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.epochs < 0:
-        parser.error("--batch_size must be >= 1 and --epochs >= 0")
+    for name, (valid, rule) in VALUE_RULES.items():
+        if not valid(getattr(args, name)):
+            parser.error(f"--{name} must be {rule}, got {getattr(args, name)}")
     args.filepath = args.filepath or f"{args.option}-{args.epochs}-{args.lr}.pt"
     return args
+
+
+def requested_option(argv):
+    """The --option value however it is spelled (`--option X`, `--option=X`), without mistaking
+    another flag's value for it; None when absent or incomplete (get_args then reports it)."""
+    peek = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    peek.add_argument("--option")
+    try:
+        return peek.parse_known_args(argv)[0].option
+    except argparse.ArgumentError:
+        return None
 
 
 def check_output_names(args):
@@ -325,7 +386,7 @@ def check_output_names(args):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if set(argv) & set(CODEGEN_OPTIONS):  # code generation has its own flags: see codegen/cli.py
+    if requested_option(argv) in CODEGEN_OPTIONS:  # code generation has its own flags: see codegen/cli.py
         from codegen.cli import main as codegen_main
 
         return codegen_main(argv)

@@ -61,6 +61,14 @@ def test_legacy_torch_format_is_still_recognised(tmp_path):
     assert_same_model(model, load_pretrained(path).eval())
 
 
+def test_invalid_model_args_are_a_checkpoint_error(tmp_path):
+    model = tiny_model()
+    for bad in (dict(n_heads=5), dict(dim=-32), dict(vocab_size="many")):  # 32 % 5, negative, not a number
+        torch.save({"model_args": {**model_args(model.config), **bad}, "model": model.state_dict()}, tmp_path / "m.pt")
+        with pytest.raises(CheckpointError, match="m.pt: its model_args do not make a valid config"):
+            load_pretrained(tmp_path / "m.pt")
+
+
 def test_llama2c_export_refuses_what_runc_cannot_compute(tmp_path):
     for overrides in (dict(norm_type="layernorm"), dict(norm_type="rmsnorm", rope_theta=500000.0),
                       dict(norm_type="rmsnorm", norm_eps=1e-6)):

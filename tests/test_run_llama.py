@@ -12,7 +12,7 @@ import torch
 
 from config import LlamaConfig
 from conftest import ROOT, asset_path
-from helpers import lively_model, save_stories_pt
+from helpers import lively_model, save_stories_pt, tiny_model
 from llama import Llama
 
 OUTPUT_LINE = r"^\d+ \|\|\| "
@@ -130,7 +130,10 @@ def test_finetune_on_real_data_slice(workdir):
 
 def bad_run(workdir, tmp_name, content, flag="--dev"):
     work = workdir[0]
-    (work / "data" / tmp_name).write_text(content)
+    if isinstance(content, bytes):
+        (work / "data" / tmp_name).write_bytes(content)
+    elif content is not None:  # None: the path is already there (e.g. a directory)
+        (work / "data" / tmp_name).write_text(content)
     args = data_args("easy", "prompting")
     args[args.index(flag) + 1] = f"data/{tmp_name}"
     args[args.index("--dev_out") + 1] = "bad-dev-prompting-output.txt"
@@ -147,9 +150,17 @@ def bad_run(workdir, tmp_name, content, flag="--dev"):
     ("1 ||| fine\nx ||| what\n", "bad.txt:2: label 'x' is not an integer"),
     ("1 ||| fine\n0 ||| ok\n7 ||| seven\n", "bad.txt:3: label 7 is outside 0..1"),
     ("", "bad.txt: no examples (empty file)"),
+    ("1 ||| fine\n\n0 ||| ok\n", "bad.txt:2: blank line"),
+    (b"1 ||| fine\n0 ||| na\xefve\n", "bad.txt:2: not UTF-8 text (byte 0xef)"),
+    ("1 ||| fine\n-1 ||| unknown\n", "bad.txt:2: label -1 (unknown) in a file with known labels"),
 ])
 def test_bad_data_lines(workdir, content, message):
     assert message in bad_run(workdir, "bad.txt", content)
+
+
+def test_data_path_is_a_directory(workdir):
+    (workdir[0] / "data" / "adir").mkdir(exist_ok=True)
+    assert "adir: cannot read the data file (Is a directory)" in bad_run(workdir, "adir", None)
 
 
 def test_label_mapping_disagreeing_with_data(workdir):
@@ -178,3 +189,32 @@ def test_finetune_is_reproducible_with_seed(workdir):
     (log_a, dev_a, head_a), (log_b, dev_b, head_b) = outputs
     assert dev_a == dev_b and torch.equal(head_a, head_b)
     assert log_a.split("done in")[0] == log_b.split("done in")[0]  # same losses and accuracies
+
+
+@pytest.mark.parametrize("option,kind", [("prompt", "prompting"), ("finetune", "finetuning")])
+def test_unknown_test_labels_give_predictions_but_no_accuracy(workdir, option, kind):
+    """The course's cfimdb-test.txt labels every line -1: predictions are written, accuracy is not scored."""
+    work = workdir[0]
+    lines = (work / "data" / "easy-test.txt").read_text().splitlines()
+    (work / "data" / "unlabelled-test.txt").write_text("".join(f"-1 ||| {line.partition(' ||| ')[2]}\n" for line in lines))
+    args = data_args("easy", kind)
+    args[args.index("--test") + 1] = "data/unlabelled-test.txt"
+    result = run(workdir, "--option", option, "--epochs", "1", "--filepath", "unlabelled.pt", *args)
+    assert result.returncode == 0, result.stderr
+    assert "test acc :: unavailable (labels are -1 placeholders)" in result.stdout
+    assert 0.0 <= accuracy(result.stdout, "dev") <= 1.0
+    outputs = (work / f"easy-test-{kind}-output.txt").read_text().splitlines()
+    assert len(outputs) == len(lines) and all(out.split(" ||| ")[0] in ("0", "1") for out in outputs)
+
+
+@pytest.mark.parametrize("option", ["generate", "prompt"])
+def test_checkpoint_vocab_smaller_than_tokenizer(workdir, option):
+    work = workdir[0]
+    save_stories_pt(tiny_model(vocab_size=512), work / "small-vocab.pt")
+    args = data_args("easy", "prompting")[:8] + ["--dev_out", "sv-dev-prompting-output.txt",
+                                                 "--test_out", "sv-test-prompting-output.txt"]
+    result = run(workdir, "--option", option, "--pretrained-model-path", "small-vocab.pt",
+                 "--generated_sentence_low_temp_out", "sv-0.txt", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "small-vocab.pt" in result.stderr and "512" in result.stderr and "32000" in result.stderr
+    assert not any((work / name).exists() for name in ("sv-0.txt", "sv-dev-prompting-output.txt"))

@@ -1,4 +1,4 @@
-"""sanity_check.py's exit codes: 0 on a match, 1 on a mismatch, 2 with advice when files are missing."""
+"""sanity_check.py's exit codes: 0 on a match, 1 on a mismatch, 2 with advice when files are missing or unusable."""
 import subprocess
 import sys
 
@@ -44,3 +44,40 @@ def test_missing_checkpoint_exits_2_with_advice(tmp_path):
     assert result.returncode == 2
     assert "stories42M.pt not found" in result.stderr and "setup.sh" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_corrupt_reference_data_exits_2(tmp_path, capsys):
+    make_files(tmp_path)
+    (tmp_path / "ref.data").write_bytes(b"not a torch file")
+    assert sanity_check.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "ref.data")]) == 2
+    assert "ref.data: not a readable reference file" in capsys.readouterr().err
+
+
+def test_reference_without_the_expected_tensors_exits_2(tmp_path, capsys):
+    make_files(tmp_path)
+    torch.save({"logits": torch.zeros(1)}, tmp_path / "ref.data")
+    assert sanity_check.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "ref.data")]) == 2
+    assert "expected a dict of tensors ('logits', 'hidden_states')" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_exits_2(tmp_path, capsys):
+    make_files(tmp_path)
+    (tmp_path / "ckpt.pt").write_bytes(b"\x00" * 100)
+    assert sanity_check.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "ref.data")]) == 2
+    assert "ckpt.pt: not a readable PyTorch checkpoint" in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_shape_exits_2(tmp_path, capsys):
+    make_files(tmp_path)  # reference from dim 16; a dim-32 model gives hidden states of another shape
+    model = Llama(LlamaConfig(dim=32, n_layers=1, n_heads=2, vocab_size=18000, max_seq_len=16))
+    save_stories_pt(model, tmp_path / "other.pt")
+    assert sanity_check.main(["--checkpoint", str(tmp_path / "other.pt"), "--data", str(tmp_path / "ref.data")]) == 2
+    err = capsys.readouterr().err
+    assert "other.pt: hidden_states of shape (2, 8, 32), but" in err and "(2, 8, 16)" in err
+
+
+def test_checkpoint_with_too_small_a_vocabulary_exits_2(tmp_path, capsys):
+    make_files(tmp_path)
+    save_stories_pt(Llama(LlamaConfig(dim=16, n_layers=1, n_heads=2, vocab_size=512, max_seq_len=16)), tmp_path / "small.pt")
+    assert sanity_check.main(["--checkpoint", str(tmp_path / "small.pt"), "--data", str(tmp_path / "ref.data")]) == 2
+    assert "small.pt: vocab_size 512 is too small for the sanity-check tokens (they need 17954)" in capsys.readouterr().err

@@ -1,0 +1,103 @@
+"""run_llama.py's checks of its input, in process (no model, no tokenizer): option routing,
+argument ranges, and the data-file rules read_data applies line by line."""
+import pytest
+
+import run_llama
+from run_llama import DataError, read_data
+
+
+@pytest.fixture
+def codegen_calls(monkeypatch):
+    """Record the argv of every call routed to codegen's CLI instead of running it."""
+    import codegen.cli
+
+    calls = []
+    monkeypatch.setattr(codegen.cli, "main", lambda argv: calls.append(argv) or 0)
+    return calls
+
+
+@pytest.mark.parametrize("argv", [["--option", "codegen"], ["--option=codegen"], ["--option=serve", "--port", "0"],
+                                  ["--seed", "3", "--option", "code_eval"]])
+def test_codegen_options_are_routed_however_spelled(codegen_calls, argv):
+    assert run_llama.main(argv) == 0
+    assert codegen_calls == [argv]
+
+
+def test_a_flag_value_spelled_like_a_codegen_option_is_not_routed(codegen_calls, tmp_path, capsys):
+    argv = ["--option", "generate", "--generated_sentence_low_temp_out", "serve",
+            "--pretrained-model-path", str(tmp_path / "missing.pt")]
+    assert run_llama.main(argv) == 2  # ran generate, which reports the missing checkpoint
+    assert codegen_calls == []
+    assert "missing.pt not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lora_rank", "0", "--lora_rank must be >= 1, got 0"),
+    ("--lora_rank", "-2", "--lora_rank must be >= 1, got -2"),
+    ("--lora_alpha", "0", "--lora_alpha must be > 0, got 0.0"),
+    ("--lora_alpha", "-1", "--lora_alpha must be > 0, got -1.0"),
+    ("--lr", "0", "--lr must be > 0, got 0.0"),
+    ("--lr", "-1e-5", "--lr must be > 0, got -1e-05"),
+    ("--lr", "nan", "--lr must be > 0, got nan"),
+    ("--max_sentence_len", "0", "--max_sentence_len must be >= 1"),
+    ("--epochs", "0", "--epochs must be >= 1"),
+    ("--epochs", "-3", "--epochs must be >= 1"),
+    ("--batch_size", "0", "--batch_size must be >= 1, got 0"),
+    ("--hidden_dropout_prob", "1.5", "--hidden_dropout_prob must be in [0, 1), got 1.5"),
+])
+def test_out_of_range_arguments_are_usage_errors(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_llama.get_args(["--option", "lora", f"{flag}={value}"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_in_range_arguments_are_accepted():
+    args = run_llama.get_args(["--option", "lora", "--lora_rank", "1", "--lora_alpha", "0.5", "--lr", "1e-6",
+                               "--max_sentence_len", "1", "--epochs", "1", "--hidden_dropout_prob", "0"])
+    assert (args.lora_rank, args.max_sentence_len, args.epochs) == (1, 1, 1)
+
+
+def write(tmp_path, content):
+    path = tmp_path / "data.txt"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    return path
+
+
+def test_each_line_is_one_example_and_a_final_newline_is_fine(tmp_path):
+    assert read_data(write(tmp_path, "1 ||| a\n0 ||| b\n"), 2) == [(1, "a"), (0, "b")]
+    assert read_data(write(tmp_path, "1 ||| a\r\n0 ||| b"), 2) == [(1, "a"), (0, "b")]
+    # only "\n" ends a line: a form feed inside a sentence stays in it
+    assert read_data(write(tmp_path, "1 ||| a\x0cb\n"), 2) == [(1, "a\x0cb")]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("1 ||| a\n\n0 ||| b\n", "data.txt:2: blank line"),
+    ("1 ||| a\n0 ||| b\n\n", "data.txt:3: blank line"),
+    ("1 ||| a\n   \n", "data.txt:2: blank line"),
+    (b"1 ||| a\n0 ||| caf\xe9\n", "data.txt:2: not UTF-8 text (byte 0xe9)"),
+    ("-1 ||| a\n1 ||| b\n", "data.txt:1: label -1 (unknown) in a file with known labels"),
+    ("1 ||| a\n-2 ||| b\n", "data.txt:2: label -2 is outside 0..1"),
+])
+def test_malformed_lines_name_file_and_line(tmp_path, content, message):
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_data(write(tmp_path, content), 2, unknown_ok=True)
+
+
+def test_unknown_labels_only_where_allowed(tmp_path):
+    path = write(tmp_path, "-1 ||| a\n-1 ||| b\n")
+    assert read_data(path, 2, unknown_ok=True) == [(-1, "a"), (-1, "b")]
+    with pytest.raises(DataError, match=r"data.txt:1: label -1 \(unknown\) is not allowed here"):
+        read_data(path, 2)
+
+
+def test_a_directory_is_not_a_data_file(tmp_path):
+    with pytest.raises(DataError, match="cannot read the data file .*Is a directory"):
+        read_data(tmp_path, 2)
+
+
+def test_label_name_file_must_be_utf8(tmp_path):
+    path = tmp_path / "labels.json"
+    path.write_bytes(b'["bad",\n "g\xf6od"]')
+    with pytest.raises(DataError, match="labels.json:2: not UTF-8 text"):
+        run_llama.read_label_names(path)
