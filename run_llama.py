@@ -378,8 +378,11 @@ def requested_option(argv):
 
 
 def check_output_names(args):
+    """Warn about names the grader will not find; refuse paths that cannot be written, before any work."""
     kind = {"prompt": "prompting", "finetune": "finetuning", "lora": "lora"}[args.option]
     for split, out in (("dev", args.dev_out), ("test", args.test_out)):
+        if Path(out).is_dir() or (Path(out).parent.exists() and not Path(out).parent.is_dir()):
+            raise UsageError(f"--{split}_out {out}: cannot write a file there; pass a file path")
         if not out.endswith(f"{split}-{kind}-output.txt"):
             print(f"warning: --{split}_out {out} does not follow <dataset>-{split}-{kind}-output.txt", file=sys.stderr)
 

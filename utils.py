@@ -36,6 +36,8 @@ def atomic_write(path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file there
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

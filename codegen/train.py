@@ -231,12 +231,12 @@ def load_data(args, say=print):
         data_dir = Path(args.data_dir)
         train_path, valid_path = data_dir / "train.jsonl", data_dir / "valid.jsonl"
         if args.build_from or not (train_path.is_file() and valid_path.is_file()):
-            from codegen.data import build_dataset
+            from codegen.data import build_dataset, length_encoder
 
             if args.build_from and not Path(args.build_from).is_dir():
                 raise FileNotFoundError(f"--build_from {args.build_from}: no such directory of .py files")
             say(f"building the dataset from {args.build_from or 'the standard library'} into {data_dir} ...")
-            build_dataset(root=args.build_from, out_dir=data_dir, verbose=not args.quiet)
+            build_dataset(root=args.build_from, out_dir=data_dir, encode=length_encoder()[0], verbose=not args.quiet)
         train, valid = read_pairs(train_path), read_pairs(valid_path)
     if not train:
         raise UsageError(f"{train_path}: no training pairs")

@@ -101,3 +101,13 @@ def test_label_name_file_must_be_utf8(tmp_path):
     path.write_bytes(b'["bad",\n "g\xf6od"]')
     with pytest.raises(DataError, match="labels.json:2: not UTF-8 text"):
         run_llama.read_label_names(path)
+
+
+@pytest.mark.parametrize("where", ["a directory", "under a file"])
+def test_unwritable_output_path_is_refused_before_any_work(tmp_path, capsys, where):
+    (tmp_path / "file.txt").write_text("x")
+    out = tmp_path if where == "a directory" else tmp_path / "file.txt" / "sst-test-prompting-output.txt"
+    argv = ["--option", "prompt", "--test_out", str(out), "--pretrained-model-path", str(tmp_path / "missing.pt")]
+    assert run_llama.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--test_out" in err and "cannot write a file there" in err  # not the missing checkpoint: checked first
