@@ -503,7 +503,8 @@ def resumed_model(ckpt, args, device, say):
 def generate_code(model, tokenizer, prompts, max_new_tokens: int = 128, batch_size: int = 8, autocast=None):
     """Greedy completions (the text after each prompt, up to EOS / a sentinel / max_new_tokens)."""
     autocast = autocast or contextlib.nullcontext
-    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - 2)
+    # at most half of the context, as codegen.generate does: a long budget must not cut the prompts to BOS
+    max_new_tokens = min(max_new_tokens, max(1, model.config.max_seq_len // 2))
     room = model.config.max_seq_len - max_new_tokens
     stops = {tokenizer.eos_id, *getattr(tokenizer, "sentinels", {}).values()}
     out = []

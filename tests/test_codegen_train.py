@@ -425,3 +425,21 @@ def test_plot_curves_writes_a_png(tmp_path):
                    "10,0.1,0.001,5.0,,,100,1\n20,0.2,0.001,4.0,4.5,3.0,100,2\n")
     png = plot_curves(log, tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_code_keeps_the_prompt_whatever_the_budget(monkeypatch):
+    """A generation budget past the context gets half of it, so prompts keep their tokens (not just BOS)."""
+    from codegen.train import generate_code
+
+    model = Llama(LlamaConfig(**{**CONFIG, "max_seq_len": 64})).eval()
+    tokenizer = CodeTokenizer(str(asset_path("tokenizer.model")))
+    seen = {}
+
+    def fake_generate(idx, max_new_tokens, **kwargs):
+        seen["prompt_len"], seen["max_new_tokens"] = idx.shape[1], max_new_tokens
+        return torch.cat([idx, torch.full((idx.shape[0], max_new_tokens), tokenizer.eos_id)], dim=1)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    prompt = "def f(x):\n    " + "x = x + 1\n    " * 40
+    assert generate_code(model, tokenizer, [prompt], max_new_tokens=1000) == [""]
+    assert seen == {"prompt_len": 32, "max_new_tokens": 32}
