@@ -83,13 +83,16 @@ def load_records(path, limit: Optional[int] = None) -> List[dict]:
 def _read_problem_file(path) -> List[dict]:
     opener = gzip.open if str(path).endswith(".gz") else open
     problems = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
+    with opener(path, "rb") as f:  # bytes, decoded line by line, so a decoding error knows its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+                if line.strip():
                     problems.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
     return problems
 
 

@@ -130,6 +130,13 @@ def test_load_humaneval_file(tmp_path):
     assert reason is None and [p["task_id"] for p in loaded] == [p["task_id"] for p in problems]
 
 
+@pytest.mark.parametrize("bad, message", [(b"{not json}\n", "invalid JSON"), (b'{"task_id": "\xff"}\n', "not valid UTF-8")])
+def test_load_humaneval_file_names_the_bad_line(tmp_path, bad, message):
+    (tmp_path / "he.jsonl").write_bytes(b'{"task_id": "a"}\n\n' + bad)
+    with pytest.raises(evaluate.UsageError, match=f"he.jsonl:3: {message}"):
+        load_humaneval(tmp_path / "he.jsonl")
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     tokenizer = asset_path("tokenizer.model")
