@@ -230,13 +230,18 @@ def print_table(rows, notes, header):
     lines = [[str(r["batch"]), r["variant"], f"{r['timed_tokens']}/{r['new_tokens']}", f"{r['seconds']:.2f}",
               f"{r['tok_per_s']:.1f}", f"{r['tok_per_s_median']:.1f}", f"{r['speedup']:.1f}x", r["same_tokens"]]
              for r in rows]
+    print_columns(columns, lines)
+    for note in notes:
+        print("note:", note)
+
+
+def print_columns(columns, lines):
+    """A plain-text table: each column as wide as its widest cell."""
     widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
     print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
     print("-|-".join("-" * w for w in widths))
     for line in lines:
         print(" | ".join(v.ljust(w) for v, w in zip(line, widths)))
-    for note in notes:
-        print("note:", note)
 
 
 def main(argv=None):

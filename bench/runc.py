@@ -29,7 +29,7 @@ from sentencepiece import SentencePieceProcessor
 
 BENCH = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH.parent), str(BENCH)]
-from decode import build_model, cpu_name  # noqa: E402
+from decode import build_model, cpu_name, print_columns  # noqa: E402
 from llama import CheckpointError, load_pretrained, save_llama2c_bin  # noqa: E402
 
 BOS = 1  # run.c starts every sequence with token 1 and stops when it samples it again
@@ -208,9 +208,7 @@ def main(argv=None):
     columns = ["program", "tok/s", "median tok/s", "vs run.c", "same text as run.c"]
     lines = [[r["program"], f"{r['tok_per_s']:.1f}", f"{r['tok_per_s_median']:.1f}", f"{r['vs_runc']:.2f}x",
               r["same_text"]] for r in rows]
-    widths = [max(len(col), *(len(line[i]) for line in lines)) for i, col in enumerate(columns)]
-    for line in [columns, ["-" * w for w in widths], *lines]:
-        print(" | ".join(v.ljust(w) for v, w in zip(line, widths)))
+    print_columns(columns, lines)
     for note in notes:
         print("note:", note)
     result = dict(run=str(args.run), checkpoint=str(args.checkpoint) if args.checkpoint else None,

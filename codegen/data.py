@@ -33,6 +33,7 @@ import argparse
 import ast
 import contextlib
 import gc
+import gzip
 import hashlib
 import io
 import json
@@ -236,8 +237,10 @@ def extract_pairs(root=None, exclude_dirs=DEFAULT_EXCLUDE_DIRS):
 # jsonl readers
 
 def iter_jsonl(path):
-    """(line number, dict) per non-blank line; a bad line raises DataError naming file:line."""
-    with open(path, "rb") as f:  # bytes, decoded line by line, so a decoding error knows its line
+    """(line number, dict) per non-blank line of a .jsonl (or .jsonl.gz) file; a bad line raises
+    DataError naming file:line."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:  # bytes, decoded line by line, so a decoding error knows its line
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")

