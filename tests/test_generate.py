@@ -412,3 +412,22 @@ def test_forward_beyond_cache_or_max_seq_len_raises():
             model(prompts(42, 1, 1), cache=cache)
         with pytest.raises(ValueError, match="max_seq_len"):
             model(prompts(43, 1, 65))
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_every_decoding_path_runs_under_bf16_autocast(no_compile, sdpa):
+    """The dtype plumbing of the GPU's bf16 paths, checked on the CPU's autocast: bf16 keys/values go
+    into the model-dtype cache (slices and fixed slots), left padding included. Tokens may differ
+    from fp32 by bf16 rounding, so only the first new token is compared with the readable path's."""
+    model = lively_model(n_kv_heads=2)
+    model.set_sdpa(sdpa)
+    idx, mask = padded_batch([prompts(60 + i, 1, n)[0] for i, n in enumerate([5, 2, 7])], "left")
+    outs = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for kwargs in (dict(use_cache=False), {}, dict(compile=True)):
+            out = model.generate(idx, 12, temperature=0.0, prompt_mask=mask, **kwargs)
+            assert out.shape == (3, idx.shape[1] + 12) and out.dtype == torch.long
+            assert 0 <= out.min() and out.max() < model.config.vocab_size
+            outs.append(out)
+    assert torch.equal(outs[1][:, idx.shape[1]], outs[0][:, idx.shape[1]])
+    assert torch.equal(outs[2][:, idx.shape[1]], outs[0][:, idx.shape[1]])
