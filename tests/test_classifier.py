@@ -70,6 +70,16 @@ def test_zero_shot_scores_label_continuations(checkpoint):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_zero_shot_without_lengths_reads_the_last_position(checkpoint):
+    tokenizer = FakeTokenizer({"bad": 20, "good": 21})
+    model = LlamaZeroShotClassifier(SimpleNamespace(pretrained_model_path=checkpoint, num_labels=2), tokenizer,
+                                    ["bad", "good"]).eval()
+    ids = torch.tensor([[1, 5, 9, 12], [1, 7, 7, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), model(ids, torch.full((2,), 4)), atol=0, rtol=0)
+        assert not torch.allclose(model(ids), model(ids, torch.full((2,), 3)))  # the position matters
+
+
 def test_lora_option_trains_only_adapters_and_head(checkpoint):
     config = SimpleNamespace(pretrained_model_path=checkpoint, num_labels=2, option="lora",
                              hidden_dropout_prob=0.0, lora_rank=2, lora_alpha=1.0)

@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from codegen import data
 from codegen.data import (DataError, Stats, apps_reject_reason, build_dataset, dedupe, extract_pairs,
                           filter_by_length, length_percentiles, load_jsonl, normalize_code,
                           read_apps_jsonl, read_codexglue_jsonl, save_jsonl, split_by_file, summary)
-from conftest import asset_path
+from conftest import ROOT, asset_path
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "pytree"
 
@@ -246,6 +248,21 @@ def test_split_200_synthetic_files():
 def test_split_rejects_bad_fractions():
     with pytest.raises(ValueError):
         split_by_file(EXPECTED_PAIRS, valid=0.5, test=0.5)
+
+
+def test_split_is_the_same_in_every_process():
+    """Python salts str hashes per process: the split must not depend on set iteration order."""
+    code = ("import json, sys; from codegen.data import split_by_file; "
+            "pairs = [{'file_hash': f'f{i}'} for i in range(40)]; "
+            "print(json.dumps([p['file_hash'] for p in split_by_file(pairs, 0.1, 0.1)['test']]))")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(runs) == 1
+
+
+def test_split_of_three_files_gives_one_to_each():
+    splits = split_by_file([{"file_hash": h} for h in "abc"], valid=0.05, test=0.05)
+    assert {name: len(ps) for name, ps in splits.items()} == {"train": 1, "valid": 1, "test": 1}
 
 
 # --------------------------------------------------------------------------------------------

@@ -155,6 +155,19 @@ def test_run_tests_builds_humaneval_check(sandbox):
     assert bad.status == "failed" and "AssertionError" in bad.stderr
 
 
+def test_cpu_time_limit_is_a_timeout(sandbox):
+    """Killed by its CPU-time limit (SIGXCPU) before the wall clock runs out: still a timeout."""
+    result = run("""
+        import resource
+        resource.setrlimit(resource.RLIMIT_CPU, (1, 5))
+        while True:
+            pass
+    """, sandbox, timeout=10)
+    assert result.status == "timeout", result
+    assert result.duration < 9
+    assert_nothing_left(result)
+
+
 def test_run_io_tests_feeds_stdin_and_compares_output(sandbox):
     program = "n = int(input())\nfor i in range(n):\n    print(i * i, end=' \\n')\n"
     assert run_io_tests(program, ["3\n", "1"], ["0\n1\n4\n", "0"], timeout=5, sandbox=sandbox).passed

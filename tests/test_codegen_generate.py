@@ -128,6 +128,13 @@ def test_top_p_frequencies_follow_the_renormalised_nucleus():
     assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.04
 
 
+def test_top_p_nucleus_stops_as_soon_as_p_is_reached():
+    """The smallest set reaching p: the top token alone holds 0.5, so p = 0.5 samples only it."""
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]])).expand(200, -1)
+    draws = sample_top_p(logits, 0.5, 1.0, torch.Generator().manual_seed(0))
+    assert set(draws[:, 0].tolist()) == {0}
+
+
 def test_top_p_near_zero_or_greedy_is_the_argmax():
     torch.manual_seed(0)
     logits = torch.randn(8, 100)

@@ -108,6 +108,18 @@ def test_cached_decode_logits_equal_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 7:], atol=1e-5, rtol=1e-5)
 
 
+def test_several_new_tokens_after_a_cached_prefix_equal_full_forward():
+    """A chunk of queries after cached keys: each may see the prefix and the chunk up to itself."""
+    model = lively_model()
+    tokens = prompts(6, 2, 12)
+    with torch.inference_mode():
+        full, _ = model(tokens, targets=tokens)
+        cache = KVCache(model.config, 2, 12)
+        model(tokens[:, :5], cache=cache)
+        chunk, _ = model(tokens[:, 5:], targets=tokens[:, 5:], cache=cache)
+    torch.testing.assert_close(chunk, full[:, 5:], atol=1e-5, rtol=1e-5)
+
+
 def test_single_query_mask_equals_general_mask():
     valid = torch.tensor([[False, True, True, True], [True, True, True, True], [False, False, False, True]])
     general = attention_mask(valid, 4)[:, :, -1:]
@@ -238,6 +250,13 @@ def test_epsilon_never_drops_the_most_likely_token(eps):
     logits = torch.randn(1000, 50, generator=torch.Generator().manual_seed(1))
     draws = sample_next(logits, 1.0, eps, generator=torch.Generator().manual_seed(2))
     assert torch.equal(draws, logits.argmax(-1, keepdim=True))
+
+
+def test_epsilon_keeps_tokens_exactly_at_epsilon():
+    """'Below epsilon' is dropped; a probability equal to epsilon stays."""
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]])).expand(300, -1)
+    draws = sample_next(logits, 1.0, 0.25, generator=torch.Generator().manual_seed(0))
+    assert set(draws[:, 0].tolist()) == {0, 1, 2}
 
 
 def test_fixed_generator_seed_gives_identical_samples():

@@ -19,6 +19,13 @@ def test_layernorm_equals_torch_layer_norm():
     torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_layernorm_eps_goes_under_the_square_root():
+    """With a variance as small as eps, where eps sits decides the result: sqrt(var + eps)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 48) * 1e-3
+    torch.testing.assert_close(LayerNorm(48, eps=1e-5)(x), F.layer_norm(x, (48,), eps=1e-5), atol=1e-5, rtol=1e-5)
+
+
 def test_rmsnorm_equals_llama2c_formula():
     torch.manual_seed(0)
     x, g = torch.randn(3, 5, 48) * 3, torch.randn(48)

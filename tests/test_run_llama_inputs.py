@@ -111,3 +111,9 @@ def test_unwritable_output_path_is_refused_before_any_work(tmp_path, capsys, whe
     assert run_llama.main(argv) == 2
     err = capsys.readouterr().err
     assert "--test_out" in err and "cannot write a file there" in err  # not the missing checkpoint: checked first
+
+
+def test_a_label_equal_to_the_number_of_labels_is_out_of_range(tmp_path):
+    (tmp_path / "d.txt").write_text("0 ||| fine\n2 ||| one too many\n")
+    with pytest.raises(DataError, match=r"d.txt:2: label 2 is outside 0..1"):
+        read_data(tmp_path / "d.txt", 2)
