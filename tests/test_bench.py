@@ -134,10 +134,12 @@ def test_runc_tokenizer_bin_has_llama2c_layout(tmp_path):
 
 
 def test_runc_text_follows_run_c_printing():
-    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n", b"<0x0A>", b"<0x41>", b"<0xE2>", b"<0x07>", b" Hello", b" world", b"!"]
-    text = load_runc().runc_text(pieces, [7, 8, 9, 3, 4, 5, 6, 7, 1, 8])
-    # leading space dropped after BOS only; printable/whitespace bytes kept, others dropped; stop at BOS
-    assert text == b"Hello world!\nA Hello"
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n", b"<0x0A>", b"<0x41>", b"<0xE2>", b"<0x07>", b" Hello", b" world", b"!",
+              b"<0x7F>", b"<0x20>", b"<0x7E>"]
+    text = load_runc().runc_text(pieces, [7, 8, 9, 3, 4, 5, 6, 10, 11, 12, 7, 1, 8])
+    # leading space dropped after BOS only; printable ASCII (0x20-0x7E) and whitespace bytes kept, others
+    # (0xE2, BEL, DEL) dropped; stop at BOS
+    assert text == b"Hello world!\nA ~ Hello"
 
 
 @pytest.mark.skipif(not os.environ.get("MINILLAMA_RUNC"), reason="set MINILLAMA_RUNC to a run binary built from "

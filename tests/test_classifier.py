@@ -51,6 +51,20 @@ def test_embedding_classifier_is_independent_of_batch(checkpoint):
     assert not torch.allclose(course[0], batch[0], atol=1e-3)
 
 
+def test_embedding_classifier_applies_dropout_in_training_only(checkpoint):
+    config = SimpleNamespace(pretrained_model_path=checkpoint, num_labels=3, option="finetune",
+                             hidden_dropout_prob=0.9, lora_rank=4, lora_alpha=1.0)
+    model = LlamaEmbeddingClassifier(config)
+    ids, lengths = padded(ROWS)
+    model.llama.eval()  # the backbone's own dropout is 0 here; only the head's is under test
+    torch.manual_seed(0)
+    first = model(ids, lengths)
+    torch.manual_seed(1)
+    assert not torch.allclose(first, model(ids, lengths))  # train mode: dropout on the last hidden state
+    model.eval()
+    torch.testing.assert_close(model(ids, lengths), model(ids, lengths), atol=0, rtol=0)
+
+
 def test_zero_shot_scores_label_continuations(checkpoint):
     torch.manual_seed(0)
     tokenizer = FakeTokenizer({"bad": 20, "good": 21, "very": 22, "nice": 23})

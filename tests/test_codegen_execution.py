@@ -342,6 +342,27 @@ def test_no_unaudited_escape_hatches(sandbox, how):
             os.remove(target)
 
 
+@pytest.mark.parametrize("how", ["sibling", "dir_fd"])
+def test_writes_beside_the_workdir_or_through_a_directory_fd_are_contained(sandbox, how):
+    """The guard compares whole path components (workdir-evil is outside workdir) and resolves
+    paths relative to a dir_fd, not to the working directory."""
+    name = f"codegen-sandbox-escape-{uuid.uuid4().hex}"
+    program = {
+        "sibling": "import os\np = os.getcwd() + '-evil'\nopen(p, 'w').write('x')\nprint(p)\n",
+        "dir_fd": f"import os\nfd = os.open('/tmp', os.O_RDONLY)\n"
+                  f"os.close(os.open({name!r}, os.O_WRONLY | os.O_CREAT, dir_fd=fd))\nprint('/tmp/{name}')\n",
+    }[how]
+    result = run(program, sandbox)
+    target = result.stdout.strip() or f"/tmp/{name}"
+    try:
+        assert not os.path.exists(target), f"{how}: the sandbox wrote {target}"
+        if sandbox == "rlimits":
+            assert result.status == "failed" and "sandbox:" in result.stderr
+    finally:
+        if os.path.exists(target):
+            os.remove(target)
+
+
 KILL_ATTEMPTS = {
     "parent": "os.kill(os.getppid(), signal.SIGKILL)",
     "parent-group": "os.killpg(os.getpgid(os.getppid()), signal.SIGKILL)",

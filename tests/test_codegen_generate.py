@@ -40,6 +40,8 @@ BODY = "    return x\n"
     ("    x = [\n1,\n2,\n]\n    return x\nz = 1\n", "    x = [\n1,\n2,\n]\n    return x\n"),
     ("    x = 1 + \\\n2\n    return x\nz = 1\n", "    x = 1 + \\\n2\n    return x\n"),
     ('    s = "(["  # ([ in a string and a comment\n    return s\nz\n', '    s = "(["  # ([ in a string and a comment\n    return s\n'),
+    ('    s = """a\\"""\nnot_a_stop = 1\n"""\n    return s\nz\n', '    s = """a\\"""\nnot_a_stop = 1\n"""\n    return s\n'),  # \" escapes
+    ("    d = {\n'a': 1,\n}\n    return d\nz\n", "    d = {\n'a': 1,\n}\n    return d\n"),  # braces count as brackets
 ])
 def test_stop_at_top_level(text, expected):
     assert stop_at_top_level(text) == (text if expected is None else expected)
@@ -322,3 +324,11 @@ def test_code_generate_cli_rejects_undecodable_prompt_bytes(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: --prompt: prompt is not valid Unicode text")
+
+
+def test_fit_keeps_bos_when_it_trims_a_long_prompt():
+    from codegen.generate import _fit
+
+    prompt = [1] + list(range(10, 200))
+    ids, n_new = _fit(prompt, 10, 64, bos_id=1)
+    assert len(ids) + n_new <= 64 and ids[0] == 1 and ids[1:] == prompt[len(prompt) - len(ids) + 1:]

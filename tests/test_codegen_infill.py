@@ -107,6 +107,14 @@ def test_add_fim_sentinels_refuses_a_model_smaller_than_the_tokenizer(tok):
         add_fim_sentinels(small_llama(vocab_size=512), tok)
 
 
+def test_add_fim_sentinels_refuses_recorded_ids_at_the_vocabulary_size(tok):
+    """Recorded sentinel ids must be < model.vocab_size: an id equal to it is out of range."""
+    tok.sentinels = {FIM_PREFIX: 32000, FIM_SUFFIX: 32001, FIM_MIDDLE: 32002, FIM_END: 32003}
+    assert add_fim_sentinels(small_llama(vocab_size=32004), tok)[FIM_END] == 32003  # largest id = vocab - 1: fits
+    with pytest.raises(ValueError, match="do not fit"):
+        add_fim_sentinels(small_llama(vocab_size=32003), tok)  # largest id == vocab size
+
+
 # ----------------------------------------------------------------------------------------------
 # PSM encoding
 

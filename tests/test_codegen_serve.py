@@ -7,6 +7,7 @@ import urllib.request
 import pytest
 import torch
 
+import codegen.serve as serve_module
 from codegen.serve import (_host_header_is_loopback, is_loopback_host, make_server, parse_request, RequestError)
 from config import LlamaConfig
 from conftest import asset_path
@@ -91,6 +92,13 @@ def test_oversized_body_is_413(server):
     assert status == 413 and "limit" in json.loads(body)["error"]
 
 
+def test_body_of_exactly_max_request_bytes_is_accepted(server):
+    """The size limit is inclusive: max_request_bytes bytes pass, one byte more is 413."""
+    body = b'{"prompt": "def f():", "max_new_tokens": 1}'.ljust(server.max_request_bytes)
+    assert post(server, body)[0] == 200
+    assert post(server, body + b" ")[0] == 413
+
+
 @pytest.mark.parametrize("payload", [
     b"{not json",
     b"\xff\xfe",
@@ -167,3 +175,38 @@ def test_serve_cli_refuses_a_public_host(capsys):
     assert main(["--option", "serve", "--host", "0.0.0.0", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert "--allow-remote" in err and len(err.strip().splitlines()) == 1
+
+
+def test_host_header_localhost_means_the_name_or_a_subdomain():
+    """Only `localhost` and `*.localhost` are loopback names; a name merely ending in it is not."""
+    assert _host_header_is_loopback("localhost:8000") and _host_header_is_loopback("sub.localhost")
+    assert not _host_header_is_loopback("evillocalhost:8000") and not _host_header_is_loopback("evillocalhost")
+
+
+def test_host_header_ipv6_loopback_with_and_without_port():
+    """IPv6 literals are not split at a colon: `[::1]:8000`, `[::1]` and bare `::1` are loopback."""
+    for value in ("[::1]:8000", "[::1]", "::1"):
+        assert _host_header_is_loopback(value)
+    assert not _host_header_is_loopback("::2") and not _host_header_is_loopback("[fe80::1]:8000")
+
+
+def test_a_name_resolving_to_any_non_loopback_address_is_not_loopback(monkeypatch):
+    """is_loopback_host needs every resolved address to be loopback, not just one."""
+    answers = {"mixed.example": ["127.0.0.1", "10.1.2.3"], "local.example": ["127.0.0.2", "::1"]}
+
+    def fake_getaddrinfo(host, port, *args, **kwargs):
+        return [(2, 1, 6, "", (addr, 0)) for addr in answers[host]]
+
+    monkeypatch.setattr(serve_module.socket, "getaddrinfo", fake_getaddrinfo)
+    assert not is_loopback_host("mixed.example")
+    assert is_loopback_host("local.example")
+
+
+def test_default_generation_length_is_clamped_to_the_limit(server):
+    """make_server clamps default_max_new_tokens to max_new_tokens_limit."""
+    srv = make_server(server.model, None, "127.0.0.1", 0, max_new_tokens_limit=10, default_max_new_tokens=1000,
+                      quiet=True)
+    try:
+        assert srv.default_max_new_tokens == 10
+    finally:
+        srv.server_close()

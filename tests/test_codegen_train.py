@@ -224,6 +224,17 @@ def test_make_batches_covers_every_example_once_and_buckets_by_length():
     assert batches == make_batches(lengths, 8, random.Random(1), chunk_batches=4)  # seeded
 
 
+def test_make_batches_shuffles_the_batches_of_a_sorted_chunk():
+    """Within one chunk the batches are cut in length order, then shuffled: the epoch does not run
+    shortest-to-longest, and every example still appears exactly once."""
+    lengths = [(7 * i) % 64 + 1 for i in range(64)]  # 64 distinct lengths
+    batches = make_batches(lengths, 4, random.Random(0), chunk_batches=16)  # one chunk of 64
+    assert sorted(i for b in batches for i in b) == list(range(64)) and all(len(b) == 4 for b in batches)
+    spans = [(min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches]
+    assert sorted(spans) == [(4 * k + 1, 4 * k + 4) for k in range(16)]  # bucketed by length
+    assert spans != sorted(spans)  # but not in length order
+
+
 def test_lr_schedule_values():
     lr, total, warm = 1.0, 110, 10
     # warm-up: linear, reaching lr at the last warm-up step
@@ -356,6 +367,77 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(workdi
     summary = json.loads((part / "summary.json").read_text())
     assert summary["steps"] == 13 and summary["epochs_completed"] == pytest.approx(1.3)
     assert summary["best_valid_loss"] == json.loads((whole / "summary.json").read_text())["best_valid_loss"]
+
+
+def test_grad_accum_gives_the_full_batch_gradient(workdir, tmp_path, monkeypatch):
+    """One step of batch 1 x accum 2 has the same gradient as batch 2 x accum 1 on two pairs of different
+    code lengths: each micro-batch is divided by the step's whole token count, not its own."""
+    import codegen.train as codegen_train
+
+    pairs = [{"prompt": "def f(x):\n", "code": "    return x\n"},
+             {"prompt": "def g(x):\n", "code": "    y = x * 2 + 1\n    z = [y, y, y, y]\n    return z\n"}]
+    train = write_jsonl(tmp_path / "train.jsonl", pairs)
+    grads, step = [], codegen_train.AdamW.step
+
+    def recording_step(self, *a, **k):
+        grads.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]
+                                if p.grad is not None]).clone())
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(codegen_train.AdamW, "step", recording_step)
+    for out, batch, accum in (("full", "2", "1"), ("accum", "1", "2")):
+        argv = common_args(workdir, tmp_path / out, "--train_data", str(train), "--valid_limit", "1", "--eval_samples",
+                           "0", "--batch_size", batch, "--grad_accum", accum, "--grad_clip", "0", "--max_steps", "1")
+        assert run_cli(argv)[0] == 0
+    assert len(grads) == 2
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def fake_valid_losses(monkeypatch, losses, seen=None):
+    """codegen.train.evaluate returning the given validation losses in turn (and recording a weight)."""
+    import codegen.train as codegen_train
+
+    losses = iter(losses)
+
+    def evaluate(model, *args, **kwargs):
+        if seen is not None:
+            seen.append(model.layers[0].attention.compute_query.weight.detach().clone())
+        return next(losses), None, []
+
+    monkeypatch.setattr(codegen_train, "evaluate", evaluate)
+
+
+def test_best_checkpoint_is_the_lowest_validation_loss_not_the_last(workdir, tmp_path, monkeypatch):
+    """Validation losses 3, 1, 2 at steps 1, 2, 3: the best is 1.0 at step 2, and best.pt holds step 2's weights."""
+    seen = []
+    fake_valid_losses(monkeypatch, [3.0, 1.0, 2.0], seen)
+    out = tmp_path / "out"
+    argv = common_args(workdir, out, "--train_data", str(workdir[0] / "data" / "small.jsonl"), "--batch_size", "1",
+                       "--eval_every", "1", "--max_steps", "3", "--eval_samples", "0")
+    assert run_cli(argv)[0] == 0
+    assert len(seen) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["best_valid_loss"], summary["best_step"]) == (1.0, 2)
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert (best["codegen"]["step"], best["codegen"]["valid_loss"]) == (2, 1.0)
+    weight = best["model"]["layers.0.attention.compute_query.weight"]
+    assert torch.equal(weight, seen[1]) and not torch.equal(weight, seen[2])
+
+
+def test_resume_keeps_the_best_validation_loss(workdir, tmp_path, monkeypatch):
+    """A resumed run whose evaluations are worse (2.0) than the first run's (1.0) keeps best 1.0 and its best.pt."""
+    out = tmp_path / "out"
+    argv = common_args(workdir, out, "--train_data", str(workdir[0] / "data" / "small.jsonl"), "--batch_size", "1",
+                       "--eval_every", "1", "--eval_samples", "0")
+    fake_valid_losses(monkeypatch, [1.0])
+    assert run_cli([*argv, "--max_steps", "1"])[0] == 0
+    first_best = (out / "best.pt").read_bytes()
+    fake_valid_losses(monkeypatch, [2.0, 2.0])
+    rc, _, err = run_cli([*argv, "--max_steps", "3", "--resume"])
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["best_valid_loss"], summary["best_step"], summary["steps"]) == (1.0, 1, 3)
+    assert (out / "best.pt").read_bytes() == first_best  # not overwritten by a worse model
 
 
 def test_default_data_is_built_with_codegen_data(workdir, tmp_path):

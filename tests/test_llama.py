@@ -164,3 +164,13 @@ def test_cuda_fp32_and_bf16_match_cpu():
     assert (bf16.float().cpu() - expected).abs().max() < 5e-2 * expected.abs().max()
     out = gpu.generate(reference["greedy_from_bos"][:1][None].cuda(), 50, temperature=0.0)
     assert out[0].cpu().tolist() == reference["greedy_from_bos"][:51].tolist()
+
+
+def test_sdpa_attention_dropout_only_in_training():
+    model = tiny_model(dropout=0.5)
+    model.set_sdpa(True)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    torch.testing.assert_close(model(tokens, targets=tokens)[0], model(tokens, targets=tokens)[0], atol=0, rtol=0)
+    model.train()
+    assert not torch.allclose(model(tokens, targets=tokens)[0], model(tokens, targets=tokens)[0])

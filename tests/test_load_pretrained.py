@@ -69,6 +69,17 @@ def test_invalid_model_args_are_a_checkpoint_error(tmp_path):
             load_pretrained(tmp_path / "m.pt")
 
 
+@pytest.mark.parametrize("kept", ["tok_embeddings.weight", "output.weight"])
+def test_a_tied_checkpoint_may_store_either_copy(tmp_path, kept):
+    model = tiny_model()
+    state = {k: v for k, v in model.state_dict().items() if k in (kept,) or k not in ("tok_embeddings.weight",
+                                                                                        "output.weight")}
+    torch.save({"model_args": model_args(model.config), "model": state}, tmp_path / "m.pt")
+    loaded = load_pretrained(tmp_path / "m.pt").eval()
+    assert loaded.output.weight is loaded.tok_embeddings.weight
+    assert_same_model(model, loaded)
+
+
 def test_llama2c_export_refuses_what_runc_cannot_compute(tmp_path):
     for overrides in (dict(norm_type="layernorm"), dict(norm_type="rmsnorm", rope_theta=500000.0),
                       dict(norm_type="rmsnorm", norm_eps=1e-6)):

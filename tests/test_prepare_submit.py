@@ -147,6 +147,30 @@ def test_check_catches_missing_file_and_checkpoint(tmp_path):
     assert "missing: rope.py" in result.stderr and "stories42M.pt" in result.stderr
 
 
+def test_required_files_are_the_guides_list():
+    """Written out here, not read from prepare_submit: a file dropped from its list must fail a test."""
+    sources = {"run_llama.py", "base_llama.py", "llama.py", "rope.py", "lora.py", "classifier.py", "config.py",
+               "optimizer.py", "sanity_check.py", "tokenizer.py", "utils.py"}
+    outputs = {f"{data}-{split}-{setting}-output.txt" for data in ("sst", "cfimdb")
+               for setting in ("prompting", "finetuning", "lora") for split in ("dev", "test")}
+    expected = sources | outputs | {"README.md", "structure.md", "checklist.md", "sanity_check.data", "setup.sh",
+                                    "generated-sentence-temp-0.txt", "generated-sentence-temp-1.txt"}
+    assert set(prepare_submit.REQUIRED) == expected and len(outputs) == 12
+
+
+def test_check_catches_an_empty_zip(tmp_path):
+    result = run("--check", str(make_zip(tmp_path / "empty.zip", {})), cwd=tmp_path)
+    assert result.returncode == 1 and "exactly one top-level folder" in result.stderr
+
+
+@pytest.mark.parametrize("line", ["1 |||no space", "12x ||| text", "+1 ||| text"])
+def test_check_wants_the_whole_line_in_the_format(tmp_path, line):
+    entries = valid_entries()
+    entries[f"{NAME}/sst-dev-lora-output.txt"] = line + "\n"
+    result = run("--check", str(make_zip(tmp_path / "bad.zip", entries)), cwd=tmp_path)
+    assert result.returncode == 1 and "sst-dev-lora-output.txt: line 1" in result.stderr
+
+
 def test_check_unreadable_zip(tmp_path):
     (tmp_path / "junk.zip").write_text("not a zip")
     assert run("--check", str(tmp_path / "junk.zip"), cwd=tmp_path).returncode == 1

@@ -218,3 +218,38 @@ def test_checkpoint_vocab_smaller_than_tokenizer(workdir, option):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "small-vocab.pt" in result.stderr and "512" in result.stderr and "32000" in result.stderr
     assert not any((work / name).exists() for name in ("sv-0.txt", "sv-dev-prompting-output.txt"))
+
+
+def test_training_keeps_the_first_of_equally_good_epochs(workdir, monkeypatch):
+    """Best dev accuracy strictly improves to replace the checkpoint: ties keep the earlier epoch."""
+    import run_llama
+
+    work, env = workdir
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MINILLAMA_TOKENIZER", env["MINILLAMA_TOKENIZER"])
+    accuracies = iter([0.9, 0.5, 0.9, 0.5, 0.9, 0.5])  # (train, dev) per epoch: dev ties at 0.5
+    monkeypatch.setattr(run_llama, "model_eval", lambda data, *a, **k: (next(accuracies), [], []))
+    saved = []
+    monkeypatch.setattr(run_llama, "save_model", lambda model, config, args: saved.append(1))
+    args = run_llama.get_args(["--option", "finetune", "--epochs", "3", "--batch_size", "16", "--quiet",
+                               "--pretrained-model-path", "tiny.pt", *data_args("easy", "finetuning")])
+    args.pad_id = 0
+    run_llama.train(args, torch.device("cpu"))
+    assert len(saved) == 1
+
+
+def test_zero_shot_suffix_is_the_courses_prompt():
+    from run_llama import zero_shot_suffix
+
+    assert zero_shot_suffix(["bad", "good"]) == "Is this movie bad or good? This movie is "
+    assert zero_shot_suffix(["terrible", "bad", "okay", "good", "great"]) == \
+        "Is this movie terrible, bad, okay, good, or great? This movie is "
+
+
+def test_batches_pad_with_the_pad_id_on_the_right():
+    from run_llama import batches
+
+    data = [(0, [1, 5, 6], "a"), (1, [1, 7], "b")]
+    ids, lengths, labels, sents = next(batches(data, 2, pad_id=9))
+    assert ids.tolist() == [[1, 5, 6], [1, 7, 9]] and lengths.tolist() == [3, 2]
+    assert labels.tolist() == [0, 1] and sents == ["a", "b"]
