@@ -92,32 +92,23 @@ def test_all_true_prompt_mask_equals_no_mask():
     assert torch.equal(greedy(model, idx, 12, prompt_mask=torch.ones_like(idx, dtype=torch.bool)), expected)
 
 
-def test_cached_decode_logits_equal_full_forward():
-    """Step by step through the cache, each position's logits equal those of one full forward."""
+@pytest.mark.parametrize("chunks", [[8] + [1] * 12, [5, 7], [3, 4, 1, 12]])
+def test_cached_decode_logits_equal_full_forward(chunks):
+    """Fed through the cache in chunks (a prefill, then one token per step, or several: each query
+    may see the cached prefix and its chunk up to itself), every position's logits equal those of
+    one full forward."""
     model = lively_model()
-    tokens = prompts(5, 2, 20)
+    tokens = prompts(5, 2, sum(chunks))
     with torch.inference_mode():
         full, _ = model(tokens, targets=tokens)
-        cache = KVCache(model.config, 2, 20)
-        logits, _ = model(tokens[:, :8], cache=cache)
-        steps = [logits]
-        for t in range(8, 20):
-            logits, _ = model(tokens[:, t : t + 1], cache=cache)
-            steps.append(logits)
-    assert cache.length == 20
-    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 7:], atol=1e-5, rtol=1e-5)
-
-
-def test_several_new_tokens_after_a_cached_prefix_equal_full_forward():
-    """A chunk of queries after cached keys: each may see the prefix and the chunk up to itself."""
-    model = lively_model()
-    tokens = prompts(6, 2, 12)
-    with torch.inference_mode():
-        full, _ = model(tokens, targets=tokens)
-        cache = KVCache(model.config, 2, 12)
-        model(tokens[:, :5], cache=cache)
-        chunk, _ = model(tokens[:, 5:], targets=tokens[:, 5:], cache=cache)
-    torch.testing.assert_close(chunk, full[:, 5:], atol=1e-5, rtol=1e-5)
+        cache = KVCache(model.config, 2, tokens.shape[1])
+        outs, start = [], 0
+        for size in chunks:
+            part = tokens[:, start : start + size]
+            outs.append(model(part, targets=part, cache=cache)[0])
+            start += size
+    assert cache.length == tokens.shape[1]
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_single_query_mask_equals_general_mask():
