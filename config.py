@@ -21,10 +21,10 @@ class LlamaConfig:
     rope_theta: float = 10000.0
 
     def __post_init__(self):
-        sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of", "max_seq_len")
-        bad = [f"{name}={getattr(self, name)!r}" for name in sizes if getattr(self, name) is not None
-               and (isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int)
-                    or getattr(self, name) < 1)]
+        sizes = {name: getattr(self, name) for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+                                                        "hidden_dim", "multiple_of", "max_seq_len")}
+        bad = [f"{name}={v!r}" for name, v in sizes.items()  # None: derived below
+               if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1)]
         if bad:
             raise ValueError("invalid LlamaConfig: sizes must be positive integers: " + ", ".join(bad))
         if self.n_kv_heads is None:

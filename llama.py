@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from base_llama import LlamaPreTrainedModel
 from config import LlamaConfig
 from rope import rope_frequencies, rotate
+from utils import atomic_write
 
 
 def upcast(x):
@@ -501,20 +502,21 @@ def save_llama2c_bin(model: Llama, path) -> None:
     """Write `model` in llama2.c's legacy .bin format, the one its run.c reads (and
     load_pretrained reads back). run.c hard-codes RMSNorm with eps 1e-5 and RoPE base 10000, so
     any other model is refused rather than exported to compute something else there. The file
-    appears whole or not at all (written next to `path`, then renamed)."""
-    c, path = model.config, Path(path)
+    appears whole or not at all (utils.atomic_write)."""
+    c = model.config
     if (c.norm_type, c.norm_eps, c.rope_theta) != ("rmsnorm", 1e-5, 10000.0):
         raise ValueError(f"run.c computes RMSNorm (eps 1e-5) and RoPE with base 10000; this model has "
                          f"{c.norm_type} (eps {c.norm_eps}), RoPE base {c.rope_theta}: not exportable")
     shared = model.output.weight is model.tok_embeddings.weight
     tensors = {**model.state_dict(), "freqs_cos": model.freqs_cos, "freqs_sin": model.freqs_sin}
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
+
+    def write(f):
         f.write(_BIN_HEADER.pack(c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads,
                                  c.vocab_size if shared else -c.vocab_size, c.max_seq_len))
         for name, _ in _llama2c_layout(c, shared):
             f.write(tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
-    partial.replace(path)
+
+    atomic_write(path, write)
 
 
 def load_pretrained(checkpoint, **overrides) -> Llama:

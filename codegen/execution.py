@@ -635,13 +635,17 @@ def run_io_tests(program: str, inputs: Sequence[str], outputs: Sequence[str], ti
         raise ValueError(f"need as many outputs as inputs, at least one: got {len(inputs)} and {len(outputs)}")
     for i, (given, expected) in enumerate(zip(inputs, outputs)):
         result = check_program(program, timeout=timeout, memory_mb=memory_mb, sandbox=sandbox, stdin=given)
-        if result.passed and _output_lines(result.stdout) != _output_lines(expected):
-            return dataclasses.replace(result, status="failed", stderr=result.stderr + (
-                f"wrong output on test {i + 1} of {len(inputs)}: expected {expected[:200]!r}, "
-                f"got {result.stdout[:200]!r}\n"))
         if not result.passed:
             return result
+        if _output_lines(result.stdout) != _output_lines(expected):
+            return _failed(result, f"wrong output on test {i + 1} of {len(inputs)}: expected {expected[:200]!r}, "
+                                   f"got {result.stdout[:200]!r}")
     return result
+
+
+def _failed(result: ExecResult, why: str) -> ExecResult:
+    """A run that exited cleanly but did not do what was checked: failed, with the reason on stderr."""
+    return dataclasses.replace(result, status="failed", stderr=result.stderr + why + "\n")
 
 
 def run_tests(program: str, test: str, entry_point: str, timeout: float = 5.0,
@@ -655,6 +659,5 @@ def run_tests(program: str, test: str, entry_point: str, timeout: float = 5.0,
     check = program + "\n" + test + f"\ncheck({entry_point})\nprint({token!r})\n"
     result = check_program(check, timeout=timeout, memory_mb=memory_mb, sandbox=sandbox)
     if result.passed and not result.stdout.rstrip().endswith(token):
-        return dataclasses.replace(result, status="failed",
-                                   stderr=result.stderr + "exited with status 0 before check() returned\n")
+        return _failed(result, "exited with status 0 before check() returned")
     return result

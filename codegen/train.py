@@ -197,14 +197,15 @@ def hold_out(pairs, seed, path, frac=0.05):
 
     Whole files, as codegen.data.split_by_file does, so that no file has pairs on both sides (its
     other functions would leak into the validation loss). Files are sorted, then shuffled by seed."""
-    files = sorted({source_file(p, i) for i, p in enumerate(pairs)})
+    keys = [source_file(p, i) for i, p in enumerate(pairs)]
+    files = sorted(set(keys))
     if len(files) < 2:
         raise UsageError(f"{path}: {len(pairs)} pair(s) from {len(files)} source file(s) is too few to hold out "
                          "a validation set without sharing a file with training; pass --valid_data")
     random.Random(seed).shuffle(files)
     held = set(files[: max(1, round(len(files) * frac))])
-    valid = [p for i, p in enumerate(pairs) if source_file(p, i) in held]
-    train = [p for i, p in enumerate(pairs) if source_file(p, i) not in held]
+    valid = [p for p, key in zip(pairs, keys) if key in held]
+    train = [p for p, key in zip(pairs, keys) if key not in held]
     return train, valid, len(held)
 
 
