@@ -1,4 +1,4 @@
-"""Model hyper-parameters: the keys of a stories42M.pt `model_args` dict, plus our two additions."""
+"""Model hyper-parameters: the keys of a stories42M.pt `model_args` dict, plus our additions."""
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -19,6 +19,12 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     norm_type: str = "layernorm"  # the assignment's choice; "rmsnorm" is what Llama 2 was trained with
     rope_theta: float = 10000.0
+    norm_bias: bool = False  # LayerNorm with a bias (a checkpoint carrying `*norm.bias` tensors)
+    # True: a position attends to itself and earlier positions only (next-token prediction: llama2.c,
+    # Hugging Face and code models, all this project trains). False: every position attends to every
+    # position, pads included, which is what the course's reference code computes for stories42M.pt
+    # (see load_pretrained for which checkpoints get which).
+    causal: bool = True
 
     def __post_init__(self):
         sizes = {name: getattr(self, name) for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
@@ -34,7 +40,8 @@ class LlamaConfig:
             # parameter count, then rounds up to a multiple of `multiple_of`.
             hidden = int(2 * (4 * self.dim) / 3)
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-        problems = []
+        problems = [f"{name}={getattr(self, name)!r} must be True or False"
+                    for name in ("causal", "norm_bias") if not isinstance(getattr(self, name), bool)]
         if self.dim % self.n_heads:
             problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -43,6 +50,8 @@ class LlamaConfig:
             problems.append(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
         if self.norm_type not in NORM_TYPES:
             problems.append(f"norm_type={self.norm_type!r} is not one of {NORM_TYPES}")
+        if self.norm_bias and self.norm_type != "layernorm":
+            problems.append("norm_bias=True needs norm_type='layernorm' (RMSNorm has no bias)")
         if problems:
             raise ValueError("invalid LlamaConfig: " + "; ".join(problems))
 

@@ -25,19 +25,22 @@ def upcast(x):
 
 
 class LayerNorm(nn.Module):
-    """The assignment's LayerNorm: (a - mean) / sqrt(var + eps) * g, biased variance, gain only."""
+    """The assignment's LayerNorm: (a - mean) / sqrt(var + eps) * g, biased variance, gain only
+    (+ b with bias=True, for checkpoints that carry one)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def _norm(self, x):
         var, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)  # biased variance
         return (x - mean) * torch.rsqrt(var + self.eps)
 
     def forward(self, x):
-        return self._norm(upcast(x)).type_as(x) * self.weight
+        out = self._norm(upcast(x)).type_as(x) * self.weight
+        return out if self.bias is None else out + self.bias
 
 
 class RMSNorm(nn.Module):
@@ -56,8 +59,9 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(config: LlamaConfig) -> nn.Module:
-    norm = LayerNorm if config.norm_type == "layernorm" else RMSNorm
-    return norm(config.dim, eps=config.norm_eps)
+    if config.norm_type == "layernorm":
+        return LayerNorm(config.dim, eps=config.norm_eps, bias=config.norm_bias)
+    return RMSNorm(config.dim, eps=config.norm_eps)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -68,16 +72,18 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x.repeat_interleave(n_rep, dim=1)
 
 
-def attention_mask(key_valid: torch.Tensor, n_queries: int) -> torch.Tensor:
+def attention_mask(key_valid: torch.Tensor, n_queries: int, causal: bool = True) -> torch.Tensor:
     """Boolean mask (batch, 1, n_queries, n_keys), True where a query may look at a key.
 
     The queries are the last n_queries of the n_keys positions (the rest sit in a KV cache). A query
-    sees earlier keys that are real tokens (key_valid) and always itself, so that padding rows
-    never have an empty softmax."""
+    sees keys that are real tokens (key_valid), only earlier ones when causal, and always itself, so
+    that padding rows never have an empty softmax."""
     n_keys = key_valid.shape[1]
     q_pos = torch.arange(n_keys - n_queries, n_keys, device=key_valid.device)[:, None]
     k_pos = torch.arange(n_keys, device=key_valid.device)[None, :]
-    allowed = (k_pos <= q_pos) & (key_valid[:, None, :] | (k_pos == q_pos))
+    allowed = key_valid[:, None, :] | (k_pos == q_pos)
+    if causal:
+        allowed = allowed & (k_pos <= q_pos)
     return allowed[:, None]
 
 
@@ -148,14 +154,16 @@ class Attention(nn.Module):
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
+        self.causal = config.causal
         self.use_sdpa = False  # True: PyTorch's fused kernel instead of the readable code below
 
     def compute_query_key_value_scores(self, query, key, value, mask: Optional[torch.Tensor] = None):
         """softmax(Q K^T / sqrt(head_dim)) V for query (batch, heads, Tq, head_dim) and key/value
         (batch, heads, Tk, head_dim). mask (broadcastable to (batch, heads, Tq, Tk), True = attend)
-        defaults to causal: query i is position Tk - Tq + i and sees keys up to that position."""
+        defaults to causal for a causal model (query i is position Tk - Tq + i and sees keys up to
+        that position) and to no mask at all for a non-causal one (the course's attention)."""
         n_q, n_k = query.shape[-2], key.shape[-2]
-        if mask is None and n_q > 1:
+        if mask is None and n_q > 1 and self.causal:
             mask = torch.ones(n_q, n_k, dtype=torch.bool, device=query.device).tril(diagonal=n_k - n_q)
         if self.use_sdpa:
             p = self.dropout if self.training else 0.0
@@ -248,6 +256,9 @@ class Llama(LlamaPreTrainedModel):
         Decoding extras: `cache` continues from cache.length; `positions` (batch, seqlen) gives each
         token's RoPE position (left-padded batches); `key_valid` (batch, keys so far) marks real tokens."""
         _, seqlen = tokens.shape
+        if cache is not None and not self.config.causal:
+            raise ValueError("a KV cache needs a causal model: without the causal mask, earlier positions "
+                             "change when later tokens arrive")
         start = cache.length if cache is not None else 0
         if positions is None:
             if start + seqlen > self.config.max_seq_len:
@@ -255,7 +266,7 @@ class Llama(LlamaPreTrainedModel):
             cos, sin = self.freqs_cos[start : start + seqlen], self.freqs_sin[start : start + seqlen]
         else:
             cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
-        mask = attention_mask(key_valid, seqlen) if key_valid is not None else None
+        mask = attention_mask(key_valid, seqlen, self.config.causal) if key_valid is not None else None
         h = self.dropout(self.tok_embeddings(tokens))
         for layer in self.layers:
             h = layer(h, cos, sin, cache, mask)
@@ -299,11 +310,12 @@ class Llama(LlamaPreTrainedModel):
         return step, cache
 
     @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=1.0, epsilon=3e-4, *, generator=None,
+    def generate(self, idx, max_new_tokens, temperature=1.0, epsilon=0.05, *, generator=None,
                  eos_id=None, prompt_mask=None, use_cache=True, compile=False):
         """Continue every row of idx (batch, seqlen) by max_new_tokens tokens, or until eos_id.
 
-        temperature 0 is greedy; otherwise epsilon sampling (see sample_next). prompt_mask (batch,
+        temperature 0 is greedy; otherwise epsilon sampling (see sample_next; epsilon=0.05 is the
+        course's default). prompt_mask (batch,
         seqlen), True on real tokens, allows prompts of different lengths padded on either side:
         they are left-aligned and RoPE positions counted from each prompt's first real token.
         Returns (batch, seqlen + n_new): the (left-aligned) prompts, then the new tokens; a row
@@ -311,7 +323,13 @@ class Llama(LlamaPreTrainedModel):
         sequence for every token, the readable reference the KV cache is tested against.
         compile=True decodes through decode_step compiled by torch.compile (CUDA graphs on a GPU):
         the same tokens; the first call pays the compilation (about a minute on our CPU, where it
-        gains nothing: see bench/README.md)."""
+        gains nothing: see bench/README.md).
+
+        A non-causal model (config.causal False, the course's) cannot use a KV cache: every new token
+        changes what the earlier positions see. It decodes as the course's reference generate does,
+        recomputing the whole window for every token; use_cache and compile are then ignored."""
+        if not self.config.causal:
+            use_cache = compile = False
         idx, valid = left_align(idx, prompt_mask)
         batch, seqlen = idx.shape
         if compile and valid is None:
@@ -362,7 +380,7 @@ def fixed_shape_step(step, cache: KVCache, tokens, positions, valid):
     return logits
 
 
-def sample_next(logits, temperature: float, epsilon: float = 3e-4, generator=None):
+def sample_next(logits, temperature: float, epsilon: float = 0.05, generator=None):
     """Pick the next token from logits (batch, vocab) -> (batch, 1).
 
     temperature 0: the argmax. Otherwise epsilon sampling (Hewitt et al. 2022): divide the logits
@@ -439,11 +457,24 @@ def _load_torch_checkpoint(path: Path, overrides: dict):
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(checkpoint, dict) or "model_args" not in checkpoint or "model" not in checkpoint:
         raise CheckpointError(f"{path}: expected a dict with 'model_args' and 'model' (the stories42M.pt format)")
+    if not isinstance(checkpoint["model_args"], dict) or not isinstance(checkpoint["model"], dict):
+        raise CheckpointError(f"{path}: 'model_args' and 'model' must be dicts (the stories42M.pt format)")
+    args = {"norm_type": "layernorm", **checkpoint["model_args"]}
+    args.setdefault("causal", not is_course_checkpoint(checkpoint))
+    args.setdefault("norm_bias", any(_rename(str(k)).endswith("norm.bias") for k in checkpoint["model"]))
     try:
-        config = LlamaConfig.from_model_args({"norm_type": "layernorm", **checkpoint["model_args"]}, **overrides)
+        config = LlamaConfig.from_model_args(args, **overrides)
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path}: its model_args do not make a valid config ({e})") from None
     return config, checkpoint["model"]
+
+
+def is_course_checkpoint(checkpoint: dict) -> bool:
+    """A stories42M.pt as llama2.c's train.py wrote it, which the course's reference ran without a
+    causal mask: its model_args hold only llama2.c's keys. Every checkpoint this project writes
+    stores its whole config (norm_type and causal among the keys), and code-training ones a "codegen"
+    entry, so they keep the semantics they were trained with, older ones included (all causal)."""
+    return "codegen" not in checkpoint and not {"norm_type", "causal"} & set(checkpoint["model_args"])
 
 
 _BIN_HEADER = struct.Struct("7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len
@@ -504,9 +535,10 @@ def save_llama2c_bin(model: Llama, path) -> None:
     any other model is refused rather than exported to compute something else there. The file
     appears whole or not at all (utils.atomic_write)."""
     c = model.config
-    if (c.norm_type, c.norm_eps, c.rope_theta) != ("rmsnorm", 1e-5, 10000.0):
-        raise ValueError(f"run.c computes RMSNorm (eps 1e-5) and RoPE with base 10000; this model has "
-                         f"{c.norm_type} (eps {c.norm_eps}), RoPE base {c.rope_theta}: not exportable")
+    if (c.norm_type, c.norm_eps, c.rope_theta, c.causal) != ("rmsnorm", 1e-5, 10000.0, True):
+        raise ValueError(f"run.c computes causal attention, RMSNorm (eps 1e-5) and RoPE with base 10000; this "
+                         f"model has {'causal' if c.causal else 'non-causal'} attention, {c.norm_type} "
+                         f"(eps {c.norm_eps}), RoPE base {c.rope_theta}: not exportable")
     shared = model.output.weight is model.tok_embeddings.weight
     tensors = {**model.state_dict(), "freqs_cos": model.freqs_cos, "freqs_sin": model.freqs_sin}
 
@@ -522,8 +554,11 @@ def save_llama2c_bin(model: Llama, path) -> None:
 def load_pretrained(checkpoint, **overrides) -> Llama:
     """Build a Llama from a stories42M.pt-style dict (either naming scheme) or a llama2.c .bin.
 
-    `overrides` replace config fields, e.g. norm_type="rmsnorm" or dropout=0.1. Defaults follow
-    the format: .pt files get the assignment's LayerNorm, .bin files llama2.c's RMSNorm."""
+    `overrides` replace config fields, e.g. norm_type="rmsnorm", causal=True or dropout=0.1.
+    Defaults follow the format: .pt files get the assignment's LayerNorm (with a bias when the file
+    has `*norm.bias` tensors), .bin files llama2.c's RMSNorm. A plain stories42M.pt (see
+    is_course_checkpoint) is non-causal, as the course's reference computed it; .bin files and
+    everything this project writes are causal (the latter record `causal` in their model_args)."""
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(

@@ -9,6 +9,7 @@ Data lines are `label ||| sentence`; label-name files are JSON lists. Every outp
 `predicted_label ||| sentence` line per input line, in input order.
 """
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from classifier import LlamaEmbeddingClassifier, LlamaZeroShotClassifier
+from classifier import POOLINGS, LlamaEmbeddingClassifier, LlamaZeroShotClassifier
 from llama import CheckpointError, load_pretrained
 from optimizer import AdamW
 from tokenizer import Tokenizer
@@ -41,6 +42,7 @@ VALUE_RULES = {
     "lora_alpha": (lambda v: v > 0, "> 0"),
     "hidden_dropout_prob": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "max_sentence_len": (lambda v: v is None or v >= 1, ">= 1 (tokens kept of each sentence; BOS comes on top)"),
+    "epsilon": (lambda v: 0 <= v < 1, "in [0, 1) (a probability floor)"),
 }
 
 
@@ -218,6 +220,11 @@ def prepare(model, args, device):
     return model.to(device)
 
 
+def model_overrides(args) -> dict:
+    """--causal/--no-causal, when given, replace the checkpoint's own masking (load_pretrained)."""
+    return {} if args.causal is None else {"causal": args.causal}
+
+
 def check_vocab(llama, tokenizer, path):
     """A checkpoint trained with a smaller tokenizer would fail deep inside the embedding lookup."""
     if llama.config.vocab_size < tokenizer.n_words:
@@ -228,7 +235,7 @@ def check_vocab(llama, tokenizer, path):
 
 def generate_sentences(args, device):
     tokenizer = Tokenizer(args.max_sentence_len)
-    llama = load_pretrained(args.pretrained_model_path)
+    llama = load_pretrained(args.pretrained_model_path, **model_overrides(args))
     check_vocab(llama, tokenizer, args.pretrained_model_path)
     llama = prepare(llama, args, device).eval()
     prompt = torch.tensor([tokenizer.encode(GENERATE_PROMPT, bos=True, eos=False)], device=device)
@@ -249,7 +256,8 @@ def test_with_prompting(args, device):
     suffix = zero_shot_suffix(label_names)
     dev = encode_all(read_data(args.dev, len(label_names), unknown_ok=True), tokenizer, suffix)
     test = encode_all(read_data(args.test, len(label_names), unknown_ok=True), tokenizer, suffix)
-    config = SimpleNamespace(pretrained_model_path=args.pretrained_model_path, num_labels=len(label_names))
+    config = SimpleNamespace(pretrained_model_path=args.pretrained_model_path, num_labels=len(label_names),
+                             pooling=args.pooling, causal=args.causal)
     model = LlamaZeroShotClassifier(config, tokenizer, label_names)
     check_vocab(model.llama, tokenizer, args.pretrained_model_path)
     model = prepare(model, args, device)
@@ -264,7 +272,8 @@ def train(args, device):
     dev = encode_all(read_data(args.dev, num_labels), tokenizer)
     test = encode_all(read_data(args.test, num_labels, unknown_ok=True), tokenizer)  # checked now, not after training
     config = SimpleNamespace(hidden_dropout_prob=args.hidden_dropout_prob, pretrained_model_path=args.pretrained_model_path,
-                             num_labels=num_labels, option=args.option, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha)
+                             num_labels=num_labels, option=args.option, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                             pooling=args.pooling, causal=args.causal)
     model = LlamaEmbeddingClassifier(config)
     check_vocab(model.llama, tokenizer, args.pretrained_model_path)
     model = prepare(model, args, device)
@@ -296,12 +305,15 @@ def train(args, device):
 
 
 def save_model(model, config, args):
-    """Atomically save what evaluation needs: LoRA runs keep only the trainable tensors."""
+    """Atomically save what evaluation needs: LoRA runs keep only the trainable tensors. The
+    backbone's config (model_args, its `causal` included) is recorded, and reloading uses it."""
     state = model.state_dict()
     if args.option == "lora":
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trainable}
-    atomic_save({"model": state, "model_config": vars(config), "args": vars(args)}, args.filepath)
+    config.causal = model.llama.config.causal
+    atomic_save({"model": state, "model_config": vars(config), "model_args": dataclasses.asdict(model.llama.config),
+                 "args": vars(args)}, args.filepath)
     print(f"save the model to {args.filepath}")
 
 
@@ -350,7 +362,15 @@ def get_args(argv=None):
     parser.add_argument("--lora_rank", type=int, default=4)
     parser.add_argument("--lora_alpha", type=float, default=1.0)
     # additions (all optional)
-    parser.add_argument("--epsilon", type=float, default=3e-4, help="epsilon-sampling threshold for generate")
+    parser.add_argument("--epsilon", type=float, default=0.05,
+                        help="epsilon-sampling threshold for generate (default 0.05, the course's)")
+    parser.add_argument("--pooling", choices=POOLINGS, default="course",
+                        help="course: what the course's classifiers compute (the batch's last position, pads "
+                             "attended; the reference accuracies' setting); last_real: each sentence's last real "
+                             "token, pads masked (results independent of the batch)")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
+                        help="causal attention mask on or off (default: the checkpoint's own; a plain "
+                             "stories42M.pt is non-causal, as the course's reference computed it)")
     parser.add_argument("--filepath", type=str, default=None, help="where the best checkpoint goes "
                         "(default: <option>-<epochs>-<lr>.pt, as in the course)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")

@@ -18,9 +18,13 @@ PYTHON="${PYTHON:-python3}"
 if [ "${SKIP_PIP:-0}" != 1 ]; then
   # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options
   "$PYTHON" -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
-  grep -v '^torch' requirements.txt | "$PYTHON" -m pip install -q -r /dev/stdin -r requirements-dev.txt
+  # requirements.txt: the course's packages (all a submission folder has). requirements-dev.txt (tests)
+  # exists only in the full project.
+  extra=()
+  [ -f requirements-dev.txt ] && extra=(-r requirements-dev.txt)
+  grep -v '^torch' requirements.txt | "$PYTHON" -m pip install -q -r /dev/stdin "${extra[@]}"
   # bubblewrap isolates generated code in codegen's sandbox; without it the sandbox falls back to rlimits.
-  if ! command -v bwrap >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  if [ -d codegen ] && ! command -v bwrap >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     { apt-get install -y -qq bubblewrap >/dev/null 2>&1 ||
       { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bubblewrap >/dev/null 2>&1; }; } ||
       echo "setup: could not install bubblewrap; the code sandbox will use its rlimits fallback"

@@ -2,6 +2,7 @@
 own module, which adds its flags with add_arguments(parser) and runs with run(args) -> exit status."""
 import argparse
 import importlib
+import sys
 
 OPTIONS = {
     "codegen": "codegen.train",  # fine-tune on code (full, LoRA, FIM)
@@ -19,6 +20,8 @@ def main(argv) -> int:
     parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: tokenizer.model)")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--use_gpu", action="store_true")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
+                        help="code models are always causal (next-token prediction); --no-causal is refused")
     option = parser.parse_known_args(argv)[0].option
     module = importlib.import_module(OPTIONS[option])
     module.add_arguments(parser)
@@ -26,4 +29,8 @@ def main(argv) -> int:
     if args.help:
         parser.print_help()
         return 0
+    if not args.causal:
+        print(f"error: --no-causal: --option {option} predicts the next token, which a non-causal model would see "
+              "in its input; code models are always causal", file=sys.stderr)
+        return 2
     return module.run(args)

@@ -24,8 +24,12 @@ class CodeTokenizer(Tokenizer):
 
 def load_code_model(path, device="cpu", tokenizer_model: Optional[str] = None, **overrides):
     """(model, tokenizer) from a stories42M.pt-format checkpoint or a llama2.c .bin. Checkpoints
-    written by codegen.train carry a "codegen" dict whose "sentinels" maps FIM names to ids."""
-    model = load_pretrained(path, **overrides).to(device).eval()
+    written by codegen.train carry a "codegen" dict whose "sentinels" maps FIM names to ids.
+
+    The model is always causal, whatever the checkpoint says: code models predict the next token,
+    and a model that attends to later positions would see the token it is asked to predict (a
+    plain stories42M.pt is otherwise loaded non-causal, as the course's classifiers use it)."""
+    model = load_pretrained(path, **{**overrides, "causal": True}).to(device).eval()
     sentinels = {}
     if Path(path).suffix != ".bin":
         meta = torch.load(path, map_location="cpu", weights_only=True).get("codegen", {})

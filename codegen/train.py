@@ -485,7 +485,7 @@ def fresh_model(args, device, say):
 
 
 def resumed_model(ckpt, args, device, say):
-    config = LlamaConfig.from_model_args(ckpt["model_args"])
+    config = LlamaConfig.from_model_args(ckpt["model_args"], causal=True)  # next-token training: see load_code_model
     model = Llama(config)
     if not ckpt["tied"]:
         model.output.weight = nn.Parameter(torch.empty_like(model.output.weight))

@@ -310,6 +310,20 @@ def test_code_generate_cli(tmp_path, tokenizer):
     assert sampled.stdout.startswith(PROMPT)
 
 
+def test_code_models_are_causal(tmp_path, tokenizer):
+    """A plain stories42M-format file loads non-causal for the course's options, but code options
+    predict the next token: they always load it causal, and refuse --no-causal."""
+    save_stories_pt(tiny_code_model(seed=3), tmp_path / "tiny.pt")
+    from codegen.common import load_code_model
+    from llama import load_pretrained
+
+    assert load_pretrained(tmp_path / "tiny.pt").config.causal is False
+    assert load_code_model(tmp_path / "tiny.pt", "cpu", str(asset_path("tokenizer.model")))[0].config.causal is True
+    result = run_cli(tmp_path, "--pretrained-model-path", "tiny.pt", "--prompt", "def f():\n", "--no-causal")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: --no-causal: --option code_generate predicts the next token")
+
+
 def test_code_generate_cli_missing_checkpoint(tmp_path):
     result = run_cli(tmp_path, "--pretrained-model-path", "missing.pt", "--prompt", "def f():\n")
     assert result.returncode == 2

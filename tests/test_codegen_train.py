@@ -315,6 +315,9 @@ def check_run_outputs(out, mode, vocab, tokenizer):
     assert meta["mode"] == mode and meta["trainable_parameters"] == summary["trainable_parameters"]
     assert meta["base_checkpoint"].endswith("tiny.pt")
     assert not any("lora" in k for k in torch.load(out / "best.pt", weights_only=True)["model"])
+    # trained causal from a plain (course-semantics) stories42M-format base, and recorded as such
+    assert torch.load(out / "best.pt", weights_only=True)["model_args"]["causal"] is True
+    assert load_pretrained(out / "best.pt").config.causal is True
     return summary
 
 

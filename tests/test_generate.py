@@ -204,6 +204,26 @@ def test_eos_in_prompt_does_not_finish_the_row():
 # Sampling
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_non_causal_model_decodes_by_recomputing_the_window(temperature):
+    """The course's generate: every step reruns the model over the (at most max_seq_len) window and
+    samples from the last position. A non-causal model takes that path whatever use_cache says."""
+    model = lively_model(3, causal=False, max_seq_len=16)
+    idx = prompts(4, 2, 5)
+    expected = idx.clone()
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _ in range(20):  # past max_seq_len: the window slides
+            logits, _ = model(expected[:, -16:])
+            expected = torch.cat((expected, sample_next(logits[:, -1], temperature, 0.05, generator)), dim=1)
+    for use_cache, compile in ((True, False), (False, False), (True, True)):
+        out = model.generate(idx, 20, temperature, generator=torch.Generator().manual_seed(7),
+                             use_cache=use_cache, compile=compile)
+        assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="KV cache needs a causal model"):
+        model(idx, cache=KVCache(model.config, 2, 16))
+
+
 def test_temperature_zero_is_argmax():
     model = lively_model()
     idx = prompts(8, 3, 7)

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from config import LlamaConfig
 from conftest import asset_path
-from helpers import tiny_config, tiny_model
+from course_reference import course_forward
+from helpers import model_args, save_stories_pt, tiny_config, tiny_model
 from llama import Attention, FeedForward, LayerNorm, Llama, RMSNorm, load_pretrained
 
 
@@ -86,6 +87,46 @@ def test_attention_is_causal():
     assert not torch.allclose(h1[:, 12:], h2[:, 12:], atol=1e-4)
 
 
+def test_non_causal_attention_equals_sdpa_without_mask():
+    torch.manual_seed(0)
+    config = LlamaConfig(dim=64, n_heads=8, n_kv_heads=4, n_layers=1, vocab_size=10, max_seq_len=32, causal=False)
+    attention, model = Attention(config).eval(), Llama(config)
+    x, cos, sin = torch.randn(3, 17, 64), model.freqs_cos[:17], model.freqs_sin[:17]
+    q = attention.compute_query(x).view(3, 17, 8, 8)
+    k = attention.compute_key(x).view(3, 17, 4, 8)
+    from rope import rotate
+
+    q, k = rotate(q, cos, sin).transpose(1, 2), rotate(k, cos, sin).transpose(1, 2)
+    v = attention.compute_value(x).view(3, 17, 4, 8).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))  # no mask
+    expected = attention.compute_output(out.transpose(1, 2).reshape(3, 17, 64))
+    for use_sdpa in (False, True):
+        attention.use_sdpa = use_sdpa
+        torch.testing.assert_close(attention(x, cos, sin), expected, atol=1e-5, rtol=1e-5)
+
+
+SANITY_IDS = torch.tensor([[101, 7592, 2088, 102, 0, 0, 0, 0], [101, 7592, 15756, 2897, 2005, 17953, 2361, 102]])
+
+
+@pytest.mark.parametrize("norm_type", ["layernorm", "rmsnorm"])
+def test_default_load_equals_the_course_forward(tmp_path, norm_type):
+    """A stories42M-format checkpoint loads with the course's semantics (no mask: the two sanity rows
+    differ from position 0 on, as in sanity_check.data); causal=True gives the causal reference."""
+    model = tiny_model(vocab_size=18000, max_seq_len=16, n_heads=4, n_kv_heads=2)
+    save_stories_pt(model, tmp_path / "m.pt")
+    state = {k: v.double() for k, v in model.state_dict().items()}
+    for causal in (False, True):
+        overrides = {"norm_type": norm_type, **({"causal": True} if causal else {})}
+        loaded = load_pretrained(tmp_path / "m.pt", **overrides).eval()
+        with torch.no_grad():
+            logits, hidden = loaded(SANITY_IDS)
+        ref_logits, ref_hidden = course_forward(state, model_args(model.config), SANITY_IDS, norm_type, causal)
+        torch.testing.assert_close(hidden, ref_hidden.float(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(logits, ref_logits.float(), atol=1e-5, rtol=1e-4)
+        same_start = torch.allclose(hidden[0, :2], hidden[1, :2], atol=1e-5)
+        assert same_start is causal  # rows share tokens 0-1: only a causal model gives them equal states
+
+
 def test_feedforward_is_swiglu():
     torch.manual_seed(0)
     ff = FeedForward(16, 40, dropout=0.0)
@@ -105,6 +146,8 @@ def test_config_validation():
         LlamaConfig(dim=64, n_heads=8, n_kv_heads=3)
     with pytest.raises(ValueError, match="norm_type"):
         LlamaConfig(norm_type="batchnorm")
+    with pytest.raises(ValueError, match="causal=1 must be True or False"):
+        LlamaConfig(causal=1)
 
 
 def test_forward_shapes_and_tied_output():

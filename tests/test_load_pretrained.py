@@ -1,7 +1,10 @@
 """load_pretrained: both checkpoint formats round-trip bit-identically; bad files raise clear errors."""
+import dataclasses
+
 import pytest
 import torch
 
+from course_reference import course_forward
 from helpers import model_args, save_stories_pt, tiny_model
 from llama import CheckpointError, LayerNorm, RMSNorm, load_pretrained, save_llama2c_bin
 
@@ -18,15 +21,16 @@ def assert_same_model(a, b):
 
 @pytest.mark.parametrize("naming,prefix", [("minllama", ""), ("llama2c", ""), ("llama2c", "_orig_mod.")])
 def test_stories_pt_round_trip(tmp_path, naming, prefix):
-    model = tiny_model()
+    model = tiny_model(causal=False)
     save_stories_pt(model, tmp_path / "m.pt", naming=naming, prefix=prefix)
     loaded = load_pretrained(tmp_path / "m.pt").eval()
     assert isinstance(loaded.norm, LayerNorm)  # .pt defaults to the assignment's LayerNorm
+    assert loaded.config.causal is False  # and a plain stories42M.pt to the course's unmasked attention
     assert_same_model(model, loaded)
 
 
 def test_stories_pt_with_rmsnorm_override(tmp_path):
-    model = tiny_model(norm_type="rmsnorm")
+    model = tiny_model(norm_type="rmsnorm", causal=False)
     save_stories_pt(model, tmp_path / "m.pt")
     loaded = load_pretrained(tmp_path / "m.pt", norm_type="rmsnorm").eval()
     assert isinstance(loaded.norm, RMSNorm)
@@ -54,7 +58,7 @@ def test_llama2c_bin_whose_header_looks_like_a_pickle(tmp_path, dim):
 
 
 def test_legacy_torch_format_is_still_recognised(tmp_path):
-    model = tiny_model()
+    model = tiny_model(causal=False)
     path = tmp_path / "legacy.bin"  # not .pt: recognised by its content
     torch.save({"model_args": model_args(model.config), "model": model.state_dict()}, path,
                _use_new_zipfile_serialization=False)
@@ -71,7 +75,7 @@ def test_invalid_model_args_are_a_checkpoint_error(tmp_path):
 
 @pytest.mark.parametrize("kept", ["tok_embeddings.weight", "output.weight"])
 def test_a_tied_checkpoint_may_store_either_copy(tmp_path, kept):
-    model = tiny_model()
+    model = tiny_model(causal=False)
     state = {k: v for k, v in model.state_dict().items() if k in (kept,) or k not in ("tok_embeddings.weight",
                                                                                         "output.weight")}
     torch.save({"model_args": model_args(model.config), "model": state}, tmp_path / "m.pt")
@@ -82,8 +86,8 @@ def test_a_tied_checkpoint_may_store_either_copy(tmp_path, kept):
 
 def test_llama2c_export_refuses_what_runc_cannot_compute(tmp_path):
     for overrides in (dict(norm_type="layernorm"), dict(norm_type="rmsnorm", rope_theta=500000.0),
-                      dict(norm_type="rmsnorm", norm_eps=1e-6)):
-        with pytest.raises(ValueError, match="run.c computes RMSNorm"):
+                      dict(norm_type="rmsnorm", norm_eps=1e-6), dict(norm_type="rmsnorm", causal=False)):
+        with pytest.raises(ValueError, match="run.c computes causal attention, RMSNorm"):
             save_llama2c_bin(tiny_model(**overrides), tmp_path / "m.bin")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
@@ -149,3 +153,52 @@ def test_unknown_model_args(tmp_path):
 def test_overrides_apply(tmp_path):
     save_stories_pt(tiny_model(), tmp_path / "m.pt")
     assert load_pretrained(tmp_path / "m.pt", dropout=0.25).config.dropout == 0.25
+
+
+def test_which_checkpoints_are_causal(tmp_path):
+    model = tiny_model()
+    args = model_args(model.config)
+    cases = {  # (what the file holds) -> causal
+        "plain": ({"model_args": args}, False),  # stories42M.pt as llama2.c wrote it: the course's semantics
+        "ours": ({"model_args": dataclasses.asdict(model.config)}, True),  # written by this project
+        "ours_noncausal": ({"model_args": {**dataclasses.asdict(model.config), "causal": False}}, False),
+        "older_ours": ({"model_args": {**args, "norm_type": "layernorm"}}, True),  # before `causal` existed
+        "code": ({"model_args": args, "codegen": {"sentinels": {}}}, True),  # a code-training best.pt
+    }
+    for name, (content, causal) in cases.items():
+        torch.save({**content, "model": model.state_dict()}, tmp_path / f"{name}.pt")
+        assert load_pretrained(tmp_path / f"{name}.pt").config.causal is causal, name
+        assert load_pretrained(tmp_path / f"{name}.pt", causal=not causal).config.causal is (not causal), name
+    save_llama2c_bin(tiny_model(norm_type="rmsnorm"), tmp_path / "m.bin")
+    assert load_pretrained(tmp_path / "m.bin").config.causal is True
+
+
+def test_non_causal_model_attends_to_later_positions(tmp_path):
+    model = tiny_model(causal=False)
+    tokens = torch.randint(0, 64, (1, 6))
+    changed = tokens.clone()
+    changed[0, -1] = (tokens[0, -1] + 1) % 64
+    with torch.no_grad():
+        assert not torch.allclose(model(tokens, targets=tokens)[0][0, 0], model(changed, targets=changed)[0][0, 0])
+        causal = tiny_model(causal=True)
+        torch.testing.assert_close(causal(tokens, targets=tokens)[0][0, :-1], causal(changed, targets=changed)[0][0, :-1])
+
+
+def test_layernorm_biases_load(tmp_path):
+    model = tiny_model(causal=False)
+    state = model.state_dict()
+    generator = torch.Generator().manual_seed(3)
+    for key in list(state):
+        if key.endswith("norm.weight"):
+            state[key.replace(".weight", ".bias")] = torch.randn(state[key].shape, generator=generator)
+    torch.save({"model_args": model_args(model.config), "model": state}, tmp_path / "m.pt")
+    loaded = load_pretrained(tmp_path / "m.pt").eval()
+    assert loaded.config.norm_bias and torch.equal(loaded.norm.bias, state["norm.bias"])
+    tokens = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        logits, hidden = loaded(tokens)
+    ref_logits, ref_hidden = course_forward(state, model_args(model.config), tokens)
+    torch.testing.assert_close(hidden, ref_hidden, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
+    with pytest.raises(CheckpointError, match="norm_bias=True needs norm_type='layernorm'"):
+        load_pretrained(tmp_path / "m.pt", norm_type="rmsnorm")

@@ -182,3 +182,37 @@ def test_reference_commands_match_spec():
         "--dev data/sst-dev.txt --test data/sst-test.txt --label-names data/sst-label-mapping.json "
         "--dev_out sst-dev-finetuning-output.txt --test_out sst-test-finetuning-output.txt")
     assert "--batch_size 10" in prepare_submit.reference_command("cfimdb", "lora")
+
+
+def test_setup_sh_works_inside_the_submitted_folder(tmp_path):
+    """Graders run the zip's setup.sh: it installs the course's four packages only (requirements.txt;
+    requirements-dev.txt is not shipped) and places the assets. pip and curl are stand-ins here."""
+    from conftest import find_asset
+
+    assets = find_asset("tokenizer.model")
+    if assets is None:
+        pytest.skip("the assets are needed (run `bash setup.sh`)")
+    folder = tmp_path / NAME
+    folder.mkdir()
+    for name in ("setup.sh", "requirements.txt"):
+        (folder / name).write_bytes((ROOT / name).read_bytes())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "pip.log"
+    (bin_dir / "fake-python").write_text(f'#!/bin/sh\necho "$@" >> {log}\n'
+                                         f'case "$*" in *-r*) cat >> {log};; esac\n')
+    (bin_dir / "curl").write_text("#!/bin/sh\nexit 7\n")  # offline
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PYTHON": str(bin_dir / "fake-python"),
+           "MINILLAMA_ASSETS": str(assets.parent), "HOME": str(tmp_path)}
+    result = subprocess.run(["bash", "setup.sh"], cwd=folder, env=env, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "setup: done" in result.stdout
+    installed = [line.split("==")[0] for line in log.read_text().splitlines()
+                 if line and not line.startswith(("#", "-m "))]
+    assert sorted(installed) == ["numpy", "sentencepiece", "tqdm"]  # torch comes from $TORCH_SPEC
+    assert "-m pip install -q torch==2.13.0" in log.read_text()
+    assert "requirements-dev" not in log.read_text()
+    assert (folder / "tokenizer.model").is_file() and (folder / "data" / "sst-dev.txt").is_file()

@@ -94,8 +94,9 @@ def test_generate_is_reproducible_with_seed(workdir):
     work = workdir[0]
     texts = {}
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        # epsilon below the course's 0.05: this random model has no second token that likely
         result = run(workdir, "--option", "generate", "--pretrained-model-path", "lively.pt", "--seed", seed,
-                     "--generated_sentence_high_temp_out", f"{name}.txt")
+                     "--epsilon", "0.001", "--generated_sentence_high_temp_out", f"{name}.txt")
         assert result.returncode == 0, result.stderr
         texts[name] = (work / f"{name}.txt").read_text()
     assert texts["a"] == texts["b"] and texts["a"] != texts["c"]
@@ -120,6 +121,18 @@ def test_training_beats_chance_on_easy_task(workdir, option, kind, lr):
     saved = torch.load(workdir[0] / f"{option}.pt", weights_only=True)
     if option == "lora":  # adapters and head only
         assert all("lora_" in k or k.startswith("classifier_head") for k in saved["model"])
+    assert saved["model_args"]["causal"] is False  # tiny.pt is a plain stories42M-format file: course semantics
+
+
+def test_pooling_and_causal_flags_reach_the_model_and_the_checkpoint(workdir):
+    for args, causal in ((["--pooling", "last_real", "--causal"], True), (["--no-causal"], False)):
+        result = run(workdir, "--option", "finetune", "--epochs", "1", "--batch_size", "16", "--filepath", "flags.pt",
+                     *args, *data_args("easy", "finetuning"))
+        assert result.returncode == 0, result.stderr
+        saved = torch.load(workdir[0] / "flags.pt", weights_only=True)
+        assert saved["model_args"]["causal"] is causal and saved["model_config"]["causal"] is causal
+        assert saved["model_config"]["pooling"] == ("last_real" if causal else "course")
+        check_outputs(workdir[0], "easy", "finetuning")
 
 
 def test_finetune_on_real_data_slice(workdir):

@@ -5,7 +5,8 @@ import sys
 import torch
 
 from conftest import ROOT
-from helpers import save_stories_pt
+from course_reference import course_forward
+from helpers import model_args, save_stories_pt
 from llama import Llama
 from config import LlamaConfig
 import sanity_check
@@ -15,28 +16,58 @@ def run(*args, cwd):
     return subprocess.run([sys.executable, str(ROOT / "sanity_check.py"), *args], cwd=cwd, capture_output=True, text=True)
 
 
-def make_files(tmp_path, norm="rmsnorm"):
+def make_files(tmp_path, norm="rmsnorm", causal=False):
+    """A random stories42M-format checkpoint (the vocabulary covers the sanity token ids, up to 17953)
+    and reference tensors computed from it by the independent course re-implementation."""
     torch.manual_seed(0)
-    # vocab must cover the sanity token ids (up to 17953)
-    model = Llama(LlamaConfig(dim=16, n_layers=1, n_heads=2, vocab_size=18000, max_seq_len=16, norm_type=norm)).eval()
-    save_stories_pt(model, tmp_path / "ckpt.pt")
+    model = Llama(LlamaConfig(dim=16, n_layers=2, n_heads=2, vocab_size=18000, max_seq_len=16)).eval()
     with torch.no_grad():
-        logits, hidden = model(sanity_check.SENT_IDS)
-    torch.save({"logits": logits, "hidden_states": hidden}, tmp_path / "ref.data")
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    save_stories_pt(model, tmp_path / "ckpt.pt")
+    state = {k: v.double() for k, v in model.state_dict().items()}
+    logits, hidden = course_forward(state, model_args(model.config), sanity_check.SENT_IDS, norm, causal)
+    torch.save({"logits": logits.float(), "hidden_states": hidden.float()}, tmp_path / "ref.data")
 
 
 def test_match_exits_0(tmp_path):
-    make_files(tmp_path)
-    result = run("--checkpoint", "ckpt.pt", "--data", "ref.data", cwd=tmp_path)
+    make_files(tmp_path)  # the course's setting: RMSNorm (the course's file), no causal mask
+    result = run("--pretrained-model-path", "ckpt.pt", "--data", "ref.data", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "max |diff|" in result.stdout and "correct" in result.stdout
 
 
-def test_mismatch_exits_1(tmp_path):
-    make_files(tmp_path)  # reference computed with RMSNorm; checking LayerNorm must fail
-    result = run("--checkpoint", "ckpt.pt", "--data", "ref.data", "--norm", "layernorm", cwd=tmp_path)
+def test_course_sanity_check_logic_passes_on_a_default_load(tmp_path):
+    """The course's sanity_check.py: load_pretrained(checkpoint) with no arguments, llama(sent_ids),
+    logits and hidden states within atol 1e-5 of a reference computed with the course's semantics
+    (this variant's LayerNorm, no mask)."""
+    make_files(tmp_path, norm="layernorm")
+    from llama import load_pretrained
+
+    reference = torch.load(tmp_path / "ref.data", weights_only=True)
+    llama = load_pretrained(str(tmp_path / "ckpt.pt"))
+    with torch.no_grad():
+        logits, hidden_states = llama(sanity_check.SENT_IDS)
+    assert torch.allclose(reference["logits"], logits, atol=1e-5, rtol=1e-3)
+    assert torch.allclose(reference["hidden_states"], hidden_states, atol=1e-5, rtol=1e-3)
+
+
+def test_mismatch_exits_1_and_names_the_setting_that_matches(tmp_path):
+    make_files(tmp_path, norm="layernorm", causal=True)
+    result = run("--checkpoint", "ckpt.pt", "--data", "ref.data", cwd=tmp_path)
     assert result.returncode == 1
     assert "MISMATCH" in result.stdout
+    assert "matches this checkpoint with --norm layernorm --causal " in result.stdout
+
+
+def test_mismatch_that_no_setting_explains(tmp_path, capsys):
+    make_files(tmp_path)
+    reference = torch.load(tmp_path / "ref.data", weights_only=True)
+    reference["logits"] = reference["logits"] + 0.1
+    torch.save(reference, tmp_path / "ref.data")
+    assert sanity_check.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "ref.data")]) == 1
+    assert "no setting of --norm and --causal matches" in capsys.readouterr().out
 
 
 def test_missing_checkpoint_exits_2_with_advice(tmp_path):
