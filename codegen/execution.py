@@ -31,7 +31,9 @@ Two sandboxes:
     The same limits and process handling, without namespaces. When we are root and the
     interpreter is usable by other users, the program still runs under a fresh uid (so the
     kernel enforces RLIMIT_NPROC, file permissions and kill permissions). In addition a
-    prelude installs a `sys.addaudithook` guard in the program's interpreter that refuses:
+    runner, codegen/sandbox_runner.py (a plain module: copied into WORKDIR for each run and
+    started there with `python -I`, its parameters on its command line), installs a
+    `sys.addaudithook` guard in the program's interpreter, then runs the program. It refuses:
     sockets, writing/creating/removing files outside WORKDIR, signalling processes other than
     itself and its own children, exec/spawn/system/subprocess, ctypes, and more than a few
     forks (forked children may not fork again). An audit hook is a tripwire, not a security
@@ -121,135 +123,10 @@ resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
 os.execv(cmd[0], cmd)
 """
 
-# The rlimits sandbox runs this file instead of the program: it compiles the program, installs
-# the audit-hook guard and executes the program as __main__.
-_RUNNER = r'''
-import sys
-_sbx_wd = {workdir!r}
-_sbx_path = {program!r}
-with open(_sbx_path, encoding="utf-8") as _f:
-    _sbx_src = _f.read()
-_sbx_code = compile(_sbx_src, _sbx_path, "exec")
-
-
-class SandboxViolation(PermissionError):
-    """Raised by the sandbox guard for a refused operation."""
-
-
-def _sbx_install(WORKDIR, FORK_BUDGET):
-    import os
-    import posix
-
-    state = {{"forks": FORK_BUDGET}}
-    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    OK_DEVICES = ("/dev/null", "/dev/stdout", "/dev/stderr")
-    realpath, join, fspath, readlink = os.path.realpath, os.path.join, os.fspath, os.readlink
-
-    def after_fork_child():
-        state["forks"] = 0            # children may not fork again
-
-    os.register_at_fork(after_in_child=after_fork_child)
-
-    def deny(what):
-        raise SandboxViolation("sandbox: " + what + " is not allowed")
-
-    def inside(path, dir_fd=None):
-        """Does `path` (relative to the cwd, or to the directory open as `dir_fd`) resolve
-        to somewhere inside WORKDIR?"""
-        if isinstance(path, int):
-            return True               # an already open descriptor
-        try:
-            p = os.fsdecode(fspath(path))
-            if dir_fd is not None and dir_fd >= 0:   # audit events say -1 for "no dir_fd"
-                p = join(readlink("/proc/self/fd/%d" % dir_fd), p)
-        except (TypeError, OSError):
-            return False
-        full = realpath(p)
-        return full == WORKDIR or full.startswith(WORKDIR + os.sep) or full in OK_DEVICES
-
-    def own_child(pid):
-        try:
-            with open("/proc/%d/stat" % pid, "rb") as f:
-                data = f.read()
-            return int(data[data.rindex(b")") + 2:].split()[1]) == os.getpid()
-        except (OSError, ValueError, IndexError):
-            return False
-
-    def hook(event, args):
-        if event == "open":
-            flags = args[2] if len(args) > 2 else 0
-            if isinstance(flags, int) and flags & WRITE_FLAGS and not inside(args[0]):
-                deny("writing %r" % (args[0],))
-        elif event in ("os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.utime"):
-            if not inside(args[0], args[-1]):
-                deny("%s(%r)" % (event, args[0]))
-        elif event in ("os.truncate", "os.chflags", "os.lchflags", "os.setxattr",
-                       "os.removexattr"):
-            if not inside(args[0]):
-                deny("%s(%r)" % (event, args[0]))
-        elif event in ("os.rename", "os.link"):
-            if not (inside(args[0], args[2]) and inside(args[1], args[3])):
-                deny("%s(%r, %r)" % (event, args[0], args[1]))
-        elif event == "os.symlink":
-            if not inside(args[1], args[2]):
-                deny("os.symlink(%r)" % (args[1],))
-        elif event in ("os.kill", "os.killpg"):
-            pid = args[0]
-            if event == "os.killpg" or pid <= 0 or (pid != os.getpid() and not own_child(pid)):
-                deny("%s(%r)" % (event, pid))
-        elif event in ("os.fork", "os.forkpty"):
-            if state["forks"] <= 0:
-                deny("fork (limit reached)")
-            state["forks"] -= 1
-        elif event in ("os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.startfile",
-                       "subprocess.Popen", "pty.spawn"):
-            deny("starting programs (%s)" % event)
-        elif event.startswith("socket."):
-            deny("network access (%s)" % event)
-        elif event.startswith("ctypes."):
-            raise ImportError("sandbox: ctypes is not allowed")
-
-    def no_new_session(*args, **kwargs):
-        deny("changing session / process group")
-
-    os.setsid = os.setpgid = os.setpgrp = posix.setsid = posix.setpgid = posix.setpgrp = \
-        no_new_session
-
-    real_open = posix.open
-
-    def checked_open(path, flags, mode=0o777, *, dir_fd=None):
-        # the "open" audit event does not say relative to which directory
-        if dir_fd is not None and flags & WRITE_FLAGS and not inside(path, dir_fd):
-            deny("writing %r" % (path,))
-        return real_open(path, flags, mode, dir_fd=dir_fd)
-
-    os.open = posix.open = checked_open
-
-    def checked_node(real):  # mkfifo / mknod raise no audit event
-        def make(path, *args, dir_fd=None, **kwargs):
-            if not inside(path, dir_fd):
-                deny("%s(%r)" % (real.__name__, path))
-            return real(path, *args, dir_fd=dir_fd, **kwargs)
-        return make
-
-    os.mkfifo = posix.mkfifo = checked_node(posix.mkfifo)
-    os.mknod = posix.mknod = checked_node(posix.mknod)
-
-    import _posixsubprocess  # subprocess's fork + exec primitive raises no audit event either
-
-    def no_fork_exec(*args, **kwargs):
-        deny("starting programs (_posixsubprocess.fork_exec)")
-
-    _posixsubprocess.fork_exec = no_fork_exec
-    sys.addaudithook(hook)
-
-
-_sbx_install(_sbx_wd, {fork_budget})
-del _sbx_install, _sbx_wd, _f, _sbx_src
-sys.argv = [_sbx_path]
-__file__ = _sbx_path
-exec(_sbx_code)
-'''
+# The rlimits sandbox runs this file (copied into the working directory as RUNNER_NAME) instead
+# of the program: it compiles the program, installs the audit-hook guard and executes the program
+# as __main__. Its parameters come on its command line: WORKDIR PROGRAM FORK_BUDGET.
+RUNNER_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_runner.py")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -522,6 +399,22 @@ def _bwrap_command(workdir: str, uid: int, launcher_args: Sequence[str]) -> List
     return cmd + ["--"] + list(launcher_args)
 
 
+def _write_workdir(workdir: str, program: str, kind: str) -> List[str]:
+    """Write the program (and, for "rlimits", a copy of the runner) into `workdir`, readable by
+    the sandbox uid; return the script and arguments the sandboxed interpreter is to run."""
+    prog_path = os.path.join(workdir, PROGRAM_NAME)
+    with open(prog_path, "w", encoding="utf-8") as f:
+        f.write(program)
+    script = [prog_path]
+    if kind == "rlimits":
+        runner = os.path.join(workdir, RUNNER_NAME)
+        shutil.copyfile(RUNNER_SOURCE, runner)
+        script = [runner, workdir, prog_path, str(FORK_BUDGET)]
+    for name in os.listdir(workdir):
+        os.chmod(os.path.join(workdir, name), 0o644)
+    return script
+
+
 def _execute(program: str, timeout: float, memory_mb: int, kind: str,
              drop_uid: Optional[bool] = None, stdin: str = "") -> ExecResult:
     if drop_uid is None:
@@ -533,17 +426,7 @@ def _execute(program: str, timeout: float, memory_mb: int, kind: str,
     start = time.monotonic()
     timed_out = False
     try:
-        prog_path = os.path.join(workdir, PROGRAM_NAME)
-        with open(prog_path, "w", encoding="utf-8") as f:
-            f.write(program)
-        target = prog_path
-        if kind == "rlimits":
-            target = os.path.join(workdir, RUNNER_NAME)
-            with open(target, "w", encoding="utf-8") as f:
-                f.write(_RUNNER.format(workdir=workdir, program=prog_path,
-                                       fork_budget=FORK_BUDGET))
-        for name in os.listdir(workdir):
-            os.chmod(os.path.join(workdir, name), 0o644)
+        script = _write_workdir(workdir, program, kind)
         if uid >= 0:
             os.chown(workdir, uid, uid)
             nproc = NPROC_MARGIN
@@ -552,7 +435,7 @@ def _execute(program: str, timeout: float, memory_mb: int, kind: str,
         launcher = [python, "-I", "-S", "-c", _LAUNCHER,
                     str(math.ceil(timeout) + 1), str(int(memory_mb) * 1024**2),
                     str(FILE_SIZE_LIMIT), str(nproc), str(uid), workdir,
-                    python, "-I", "-B", "-u", target]
+                    python, "-I", "-B", "-u", *script]
         argv = _bwrap_command(workdir, uid, launcher) if kind == "bwrap" else launcher
 
         with tempfile.TemporaryFile() as inp, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:

@@ -11,6 +11,7 @@ Network checks never send a packet off this machine: the TCP test targets a list
 test itself opens on 127.0.0.1, and the "outside" test only asks the kernel for a route (a UDP
 connect() sends nothing) to 192.0.2.1, a documentation-only address.
 """
+import ast
 import os
 import signal
 import socket
@@ -422,3 +423,93 @@ def test_humaneval_wrong_solutions_fail(sandbox, humaneval_problems):
     results = _run_all(humaneval_problems, lambda p: p["prompt"] + "    return None\n", sandbox)
     for task_id, result in results:
         assert result.status == "failed", (task_id, result)
+
+
+# ------------------------------------------------------------------------------------------
+# The rlimits runner: a real module (codegen/sandbox_runner.py), not a template string
+# ------------------------------------------------------------------------------------------
+
+RUNNER = Path(execution.RUNNER_SOURCE)
+EXECUTION = Path(execution.__file__)
+
+
+def test_runner_is_a_real_module_not_a_template():
+    assert RUNNER == ROOT / "codegen" / "sandbox_runner.py" and RUNNER.is_file()
+    assert not hasattr(execution, "_RUNNER")
+    subprocess.run([sys.executable, "-m", "py_compile", str(RUNNER)], check=True, capture_output=True)
+    tree = ast.parse(RUNNER.read_text(encoding="utf-8"))
+    names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert {"SandboxViolation", "_sbx_install"} <= names
+    assert "codegen/sandbox_runner.py" in execution.__doc__
+
+
+def test_importing_the_runner_installs_nothing():
+    before = (os.open, os.mkfifo, os.setsid)
+    from codegen import sandbox_runner
+    assert (os.open, os.mkfifo, os.setsid) == before
+    assert issubclass(sandbox_runner.SandboxViolation, PermissionError)
+
+
+def test_no_long_string_literals_or_functions_in_execution():
+    """Programs live in files a linter can read: no string in execution.py spans more than 60
+    lines, and no function in execution.py or the runner is over 80 lines."""
+    tree = ast.parse(EXECUTION.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            assert node.end_lineno - node.lineno + 1 <= 60, (node.lineno, node.value[:60])
+    for path in (EXECUTION, RUNNER):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno + 1 <= 80, (path.name, node.name)
+
+
+def test_runner_is_copied_and_runs_the_program_as_main():
+    """Under rlimits the program runs inside the runner copied into its working directory, with
+    the runner's parameters already consumed: it sees the namespace and argv a script would."""
+    runner_text = RUNNER.read_text(encoding="utf-8")
+    result = run(f"""
+        import os
+        print(open(os.path.join(os.getcwd(), "_sandbox_main.py"), encoding="utf-8").read() == {runner_text!r})
+        print(sys.argv == [__file__], os.path.basename(__file__), __name__, __doc__)
+        print(sys.modules["__main__"].__dict__ is globals())
+        print(sorted(n for n in globals() if not n.startswith("__")))
+    """, "rlimits")
+    assert result.passed, result.stderr
+    assert result.stdout.splitlines() == [
+        "True", "True program.py __main__ None", "True",
+        "['SandboxViolation', '_sbx_code', '_sbx_path', 'os', 'sys']"]
+    assert_nothing_left(result)
+
+
+@pytest.mark.parametrize("budget", [0, 3])
+def test_fork_budget_reaches_the_runner(budget, monkeypatch):
+    monkeypatch.setattr(execution, "FORK_BUDGET", budget)
+    result = run("""
+        import os
+        for i in range(10):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            print("forked", i + 1, flush=True)
+    """, "rlimits")
+    assert result.status == "failed"
+    assert result.stdout.splitlines() == [f"forked {i}" for i in range(1, budget + 1)]
+    assert "sandbox: fork (limit reached) is not allowed" in result.stderr
+    assert_nothing_left(result)
+
+
+def test_runner_guard_runs_as_a_plain_script(tmp_path):
+    """The runner file on its own (no uid change, no namespaces): its command line sets the
+    directory the program may write to."""
+    work = tmp_path / "work"
+    work.mkdir()
+    outside = tmp_path / "outside.txt"
+    program = work / "program.py"
+    program.write_text(f"open('inside.txt', 'w').write('ok')\nopen({str(outside)!r}, 'w').write('x')\n")
+    proc = subprocess.run([sys.executable, "-I", "-B", str(RUNNER), str(work), str(program), "8"],
+                          cwd=work, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert (work / "inside.txt").read_text() == "ok"
+    assert not outside.exists()
+    assert f"SandboxViolation: sandbox: writing {str(outside)!r} is not allowed" in proc.stderr
