@@ -2,12 +2,20 @@
 
     python run_llama.py --option serve --pretrained-model-path code.pt [--port 8000] [--host 127.0.0.1]
 
-    GET  /          one self-contained HTML page: prompt, max tokens, temperature, top_p, Generate
-    POST /generate  JSON {prompt, max_new_tokens?, temperature?, top_p?}
+    GET  /          one self-contained HTML page: prompt, optional suffix, max tokens, temperature,
+                    top_p, Generate
+    POST /generate  JSON {prompt, max_new_tokens?, temperature?, top_p?, suffix?}
                     -> 200 {completion, tokens, seconds, max_new_tokens, stop_reason}
+                    a non-empty suffix asks for infilling: the completion is the middle between
+                    prompt and suffix (needs a model with fill-in-the-middle sentinels, else 400)
                     errors: 400 bad JSON or field, 411 no Content-Length, 413 body over the limit,
                     415 not application/json, 500 generation failed; always a JSON {"error": ...}
     GET  /health    {"ok": true}
+
+The page lives in codegen/static/: index.html (with {{name}} placeholders), page.js and page.css,
+read when the server starts (make_server). Script and style are inlined into the one page, and its
+Content-Security-Policy allows exactly them by sha256 hash of the files' contents; no file is
+served from disk, so there is no path to traverse.
 
 The server binds to loopback only unless --allow-remote is given (there is no authentication), and
 then also rejects requests whose Host header is not a loopback name (DNS rebinding). Requests are
@@ -20,13 +28,15 @@ import html
 import ipaddress
 import json
 import math
+import re
 import signal
 import socket
 import sys
 import threading
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
+from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -35,89 +45,46 @@ from llama import CheckpointError
 
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 MAX_DRAIN_BYTES = 1 << 20  # an oversized body up to this size is read and dropped, so the client sees the 413
-FIELDS = ("prompt", "max_new_tokens", "temperature", "top_p")
+FIELDS = ("prompt", "max_new_tokens", "temperature", "top_p", "suffix")
 
-_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; }
-textarea, pre { font-family: ui-monospace, monospace; font-size: 0.9rem; width: 100%; box-sizing: border-box; }
-pre { background: #f4f4f4; padding: 0.75rem; white-space: pre-wrap; min-height: 3rem; }
-.row { display: flex; gap: 1rem; align-items: end; flex-wrap: wrap; margin: 0.5rem 0; }
-label { display: flex; flex-direction: column; font-size: 0.85rem; }
-input { width: 7rem; }
-#completion { background: #dff0d8; }
-"""
-
-_SCRIPT = """
-const $ = (id) => document.getElementById(id);
-$("form").addEventListener("submit", async (event) => {
-  event.preventDefault();
-  const topP = $("top_p").value.trim();
-  const body = {
-    prompt: $("prompt").value,
-    max_new_tokens: parseInt($("max_new_tokens").value, 10),
-    temperature: parseFloat($("temperature").value || "0"),
-    top_p: topP === "" ? null : parseFloat(topP),
-  };
-  $("generate").disabled = true;
-  $("status").textContent = "generating...";
-  try {
-    const response = await fetch("/generate", {
-      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
-    });
-    const data = await response.json();
-    if (!response.ok) throw new Error(data.error || response.statusText);
-    // textContent: the text is shown as text, never parsed as markup, so any HTML in it stays escaped
-    $("echo").textContent = body.prompt;
-    $("completion").textContent = data.completion;
-    $("status").textContent = data.tokens + " tokens in " + data.seconds.toFixed(2) + " s (" + data.stop_reason + ")";
-  } catch (err) {
-    $("status").textContent = "error: " + err.message;
-  } finally {
-    $("generate").disabled = false;
-  }
-});
-"""
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Mini-Llama code completion</title>
-<style>{style}</style>
-</head>
-<body>
-<h1>Mini-Llama code completion</h1>
-<form id="form">
-<label for="prompt">Prompt (a def line and its docstring)</label>
-<textarea id="prompt" name="prompt" rows="12" spellcheck="false">{prompt}</textarea>
-<div class="row">
-<label for="max_new_tokens">Max tokens<input id="max_new_tokens" name="max_new_tokens" type="number" min="1" max="{limit}" value="{default_tokens}"></label>
-<label for="temperature">Temperature<input id="temperature" name="temperature" type="number" min="0" step="0.05" value="0"></label>
-<label for="top_p">top_p<input id="top_p" name="top_p" type="number" min="0" max="1" step="0.01" placeholder="off"></label>
-<button id="generate" type="submit">Generate</button>
-</div>
-</form>
-<p id="status">{model}</p>
-<pre id="result"><span id="echo"></span><span id="completion"></span></pre>
-<script>{script}</script>
-</body>
-</html>
-"""
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# The page's files: a fixed list, read at server start. Nothing else on disk is ever read or served.
+PAGE_FILES = {"html": "index.html", "script": "page.js", "style": "page.css"}
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
 def _csp_hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
-# Only this page's own inline script and style may run; fetch() only to this server.
-CONTENT_SECURITY_POLICY = (f"default-src 'none'; script-src {_csp_hash(_SCRIPT)}; style-src {_csp_hash(_STYLE)}; "
-                           "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+def content_security_policy(script: str, style: str) -> str:
+    """Only this page's own inline script and style (by hash) may run; fetch() only to this server."""
+    return (f"default-src 'none'; script-src {_csp_hash(script)}; style-src {_csp_hash(style)}; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
-def render_page(limit: int, default_tokens: int, model_name: str = "") -> str:
-    return _PAGE.format(style=_STYLE, script=_SCRIPT, prompt=html.escape(DEFAULT_PROMPT), limit=limit,
-                        default_tokens=default_tokens, model=html.escape(model_name))
+def load_page_files(static_dir: Path = STATIC_DIR) -> Dict[str, str]:
+    """The texts of PAGE_FILES ({"html", "script", "style"}), checked to be inlinable."""
+    files = {key: (Path(static_dir) / name).read_text(encoding="utf-8") for key, name in PAGE_FILES.items()}
+    for key, tag in (("script", "</script"), ("style", "</style")):
+        if tag in files[key].lower():
+            raise ValueError(f"{PAGE_FILES[key]} contains {tag!r}: it could not be inlined into the page")
+    return files
+
+
+def render_page(limit: int, default_tokens: int, model_name: str = "",
+                static_dir: Path = STATIC_DIR) -> Tuple[str, str]:
+    """(the HTML page, its Content-Security-Policy). The HTML file's {{name}} placeholders are filled
+    in one pass (a filled-in value is never scanned again); the default prompt and model name are
+    HTML-escaped; the script and style go in verbatim and are allowed by their sha256 hashes."""
+    files = load_page_files(static_dir)
+    values = {"style": files["style"], "script": files["script"], "prompt": html.escape(DEFAULT_PROMPT),
+              "limit": str(limit), "default_tokens": str(default_tokens), "model": html.escape(model_name)}
+    found = _PLACEHOLDER.findall(files["html"])
+    if sorted(found) != sorted(values):
+        raise ValueError(f"{PAGE_FILES['html']} must hold each of {sorted(values)} once, found {sorted(found)}")
+    page = _PLACEHOLDER.sub(lambda m: values[m.group(1)], files["html"])
+    return page, content_security_policy(files["script"], files["style"])
 
 
 def is_loopback_host(host: str) -> bool:
@@ -194,8 +161,24 @@ def parse_request(body: bytes, limit: int, default_tokens: int) -> dict:
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
                               or not math.isfinite(top_p) or not 0 <= top_p <= 1):
         raise RequestError(400, "top_p must be null or a number in [0, 1]")
-    return {"prompt": prompt, "max_new_tokens": min(max_new_tokens, limit), "temperature": float(temperature),
-            "top_p": None if top_p is None else float(top_p)}
+    settings = {"prompt": prompt, "max_new_tokens": min(max_new_tokens, limit), "temperature": float(temperature),
+                "top_p": None if top_p is None else float(top_p)}
+    suffix = _parse_suffix(data.get("suffix"))
+    if suffix:
+        settings["suffix"] = suffix  # present only for infilling: absent, null or "" is a plain completion
+    return settings
+
+
+def _parse_suffix(suffix) -> str:
+    if suffix is None:
+        return ""
+    if not isinstance(suffix, str):
+        raise RequestError(400, "suffix must be a string or null")
+    try:
+        check_prompt(suffix)
+    except ValueError as e:
+        raise RequestError(400, f"bad suffix: {e}") from None
+    return suffix
 
 
 class CodeRequestHandler(BaseHTTPRequestHandler):
@@ -238,7 +221,7 @@ class CodeRequestHandler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         if path == "/":
             self._send(200, self.server.page, "text/html; charset=utf-8",
-                       [("Content-Security-Policy", CONTENT_SECURITY_POLICY), ("X-Frame-Options", "DENY"),
+                       [("Content-Security-Policy", self.server.content_security_policy), ("X-Frame-Options", "DENY"),
                         ("Referrer-Policy", "no-referrer")])
         elif path == "/health":
             self._json(200, {"ok": True})
@@ -265,16 +248,30 @@ class CodeRequestHandler(BaseHTTPRequestHandler):
             self._error(e.status, str(e))
             return
         try:
-            with self.server.model_lock:
-                result = generate_completions(self.server.model, self.server.tokenizer, settings["prompt"], 1,
-                                              settings["max_new_tokens"], settings["temperature"], settings["top_p"],
-                                              generator=self.server.generator)[0]
+            result = self._generate(settings)
+        except RequestError as e:
+            self._error(e.status, str(e))
+            return
         except Exception as e:
             traceback.print_exc(file=sys.stderr)
             self._error(500, f"generation failed: {type(e).__name__}: {e}")
             return
         self._json(200, {"completion": result.text, "tokens": result.tokens, "seconds": round(result.seconds, 4),
                          "max_new_tokens": settings["max_new_tokens"], "stop_reason": result.stop_reason})
+
+    def _generate(self, settings: dict):
+        """One completion under the model lock. With a suffix, a ValueError (say, a model without
+        fill-in-the-middle sentinels) is the request's fault: RequestError(400, its message)."""
+        args = (self.server.model, self.server.tokenizer, settings["prompt"], 1, settings["max_new_tokens"],
+                settings["temperature"], settings["top_p"])
+        suffix = settings.get("suffix")
+        with self.server.model_lock:
+            if not suffix:  # a plain completion: called exactly as before infilling existed
+                return generate_completions(*args, generator=self.server.generator)[0]
+            try:
+                return generate_completions(*args, generator=self.server.generator, suffix=suffix)[0]
+            except ValueError as e:
+                raise RequestError(400, str(e)) from None
 
     def _content_length(self) -> int:
         if "Transfer-Encoding" in self.headers:
@@ -350,6 +347,8 @@ def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, *, 
                          "authentication; pass --allow-remote (allow_remote=True) to expose it anyway")
     if max_new_tokens_limit < 1 or max_request_bytes < 1:
         raise ValueError("max_new_tokens_limit and max_request_bytes must be >= 1")
+    default_max_new_tokens = min(default_max_new_tokens or 128, max_new_tokens_limit)
+    page, csp = render_page(max_new_tokens_limit, default_max_new_tokens, model_name)  # reads codegen/static/
     bind_host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     cls = CodeServer6 if ":" in bind_host else CodeServer
     server = cls((bind_host, port), CodeRequestHandler)
@@ -358,10 +357,10 @@ def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, *, 
     server.allow_remote = allow_remote
     server.max_new_tokens_limit = max_new_tokens_limit
     server.max_request_bytes = max_request_bytes
-    server.default_max_new_tokens = min(default_max_new_tokens or 128, max_new_tokens_limit)
+    server.default_max_new_tokens = default_max_new_tokens
     server.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     server.quiet = quiet
-    server.page = render_page(max_new_tokens_limit, server.default_max_new_tokens, model_name).encode("utf-8")
+    server.page, server.content_security_policy = page.encode("utf-8"), csp
     return server
 
 

@@ -1,6 +1,11 @@
 """codegen.serve: the local web server, run in a thread and spoken to over real HTTP with urllib."""
+import ast
+import base64
+import hashlib
 import json
+import shutil
 import threading
+import types
 import urllib.error
 import urllib.request
 
@@ -8,7 +13,8 @@ import pytest
 import torch
 
 import codegen.serve as serve_module
-from codegen.serve import (_host_header_is_loopback, is_loopback_host, make_server, parse_request, RequestError)
+from codegen.serve import (_host_header_is_loopback, is_loopback_host, make_server, parse_request, render_page,
+                           RequestError)
 from config import LlamaConfig
 from conftest import asset_path
 from llama import Llama
@@ -114,6 +120,9 @@ def test_body_of_exactly_max_request_bytes_is_accepted(server):
     {"prompt": "def f():", "top_p": 1.5},
     {"prompt": "def f():", "extra": 1},
     b'{"prompt": "def f(): \\ud800"}',  # a lone surrogate: valid JSON, not text the tokenizer takes
+    {"prompt": "def f():", "suffix": 3},
+    {"prompt": "def f():", "suffix": ["return 1"]},
+    b'{"prompt": "def f():", "suffix": "x\\ud800"}',
 ])
 def test_bad_requests_are_400_with_a_json_error(server, payload):
     status, headers, body = post(server, payload)
@@ -210,3 +219,120 @@ def test_default_generation_length_is_clamped_to_the_limit(server):
         assert srv.default_max_new_tokens == 10
     finally:
         srv.server_close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The page's files (codegen/static/) and its Content-Security-Policy
+
+
+def _sha256_source(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
+
+
+def test_page_has_the_suffix_box_and_the_csp_allows_exactly_its_inline_script_and_style(server):
+    status, headers, body = request(server, "/")
+    page, csp = body.decode(), headers["Content-Security-Policy"]
+    assert status == 200
+    assert '<textarea id="suffix"' in page and "the model fills the middle" in page and 'id="suffix_echo"' in page
+    script = page.split("<script>", 1)[1].split("</script>", 1)[0]
+    style = page.split("<style>", 1)[1].split("</style>", 1)[0]
+    assert script == (serve_module.STATIC_DIR / "page.js").read_text(encoding="utf-8")
+    assert style == (serve_module.STATIC_DIR / "page.css").read_text(encoding="utf-8")
+    assert f"script-src {_sha256_source(script)};" in csp and f"style-src {_sha256_source(style)};" in csp
+    assert csp.startswith("default-src 'none';") and "connect-src 'self'" in csp and "'unsafe-inline'" not in csp
+    assert "{{" not in page  # every placeholder filled in
+    for path in ("/page.js", "/page.css", "/index.html", "/static/page.js", "/../serve.py", "/%2e%2e/serve.py"):
+        assert request(server, path)[0] == 404  # nothing is served from disk
+
+
+def test_render_page_escapes_and_fills_placeholders_in_one_pass():
+    page, _ = render_page(16, 8, model_name='<img src=x onerror="a()"> {{script}} & co')
+    assert '&lt;img src=x onerror=&quot;a()&quot;&gt; {{script}} &amp; co' in page  # escaped, not re-filled
+    assert page.count("<script>") == 1 and page.count("<style>") == 1
+    assert 'max="16"' in page and 'value="8"' in page
+
+
+def test_render_page_rejects_broken_static_files(tmp_path):
+    def copy(name, replace=None):
+        folder = tmp_path / name
+        shutil.copytree(serve_module.STATIC_DIR, folder)
+        if replace:
+            file, old, new = replace
+            text = (folder / file).read_text(encoding="utf-8")
+            assert old in text
+            (folder / file).write_text(text.replace(old, new, 1), encoding="utf-8")
+        return folder
+
+    render_page(4, 2, static_dir=copy("intact"))
+    for name, replace in [("missing", ("index.html", "{{model}}", "")),
+                          ("unknown", ("index.html", "{{model}}", "{{model}}{{secret}}")),
+                          ("twice", ("index.html", "{{model}}", "{{model}}{{model}}")),
+                          ("closes", ("page.js", "const $", "// </SCRIPT>\nconst $"))]:
+        with pytest.raises(ValueError):
+            render_page(4, 2, static_dir=copy(name, replace))
+    gone = copy("gone")
+    (gone / "page.css").unlink()
+    with pytest.raises(FileNotFoundError):
+        render_page(4, 2, static_dir=gone)
+
+
+def test_no_string_literal_in_serve_py_spans_more_than_60_lines():
+    """Pages and programs live in files (codegen/static/), not in long Python strings."""
+    source = open(serve_module.__file__, encoding="utf-8").read()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            assert node.end_lineno - node.lineno <= 60, f"string at line {node.lineno} is too long"
+
+
+# ----------------------------------------------------------------------------------------------
+# Infilling: the optional "suffix" field
+
+
+def fake_generation(calls, error=None):
+    def fake_generate_completions(*args, **kwargs):
+        calls.append((args, kwargs))
+        if error is not None:
+            raise error
+        return [types.SimpleNamespace(text="MIDDLE", tokens=2, seconds=0.01, stop_reason="eos")]
+    return fake_generate_completions
+
+
+def test_suffix_reaches_generate_completions(server, monkeypatch):
+    calls = []
+    monkeypatch.setattr(serve_module, "generate_completions", fake_generation(calls))
+    status, _, body = post(server, {"prompt": "def f(x):\n", "suffix": "    return y\n", "max_new_tokens": 3,
+                                    "temperature": 0.5, "top_p": 0.9})
+    assert status == 200 and json.loads(body)["completion"] == "MIDDLE"
+    args, kwargs = calls[-1]
+    assert args == (server.model, server.tokenizer, "def f(x):\n", 1, 3, 0.5, 0.9)
+    assert kwargs == {"generator": server.generator, "suffix": "    return y\n"}
+    for suffix in ({}, {"suffix": None}, {"suffix": ""}):
+        payload = {"prompt": "def f():", **suffix}
+        assert post(server, payload)[0] == 200
+        assert calls[-1][1] == {"generator": server.generator}  # plain completion: called exactly as before
+
+
+def test_suffix_value_error_is_400_with_its_message(server, monkeypatch):
+    message = "this model has no fill-in-the-middle sentinels"
+    monkeypatch.setattr(serve_module, "generate_completions", fake_generation([], ValueError(message)))
+    status, headers, body = post(server, {"prompt": "def f():", "suffix": "    return 1"})
+    assert status == 400 and headers["Content-Type"].startswith("application/json")
+    assert json.loads(body) == {"error": message}
+    status, _, body = post(server, {"prompt": "def f():"})  # without a suffix a ValueError stays a server error
+    assert status == 500 and message in json.loads(body)["error"]
+
+
+def test_suffix_counts_towards_the_body_limit(server):
+    status, _, body = post(server, {"prompt": "def f():", "suffix": "x" * 5000})
+    assert status == 413 and "limit" in json.loads(body)["error"]
+
+
+def test_parse_request_suffix():
+    assert parse_request(b'{"prompt": "a", "suffix": "b"}', 16, 8)["suffix"] == "b"
+    for body in (b'{"prompt": "a"}', b'{"prompt": "a", "suffix": null}', b'{"prompt": "a", "suffix": ""}'):
+        assert "suffix" not in parse_request(body, 16, 8)
+    for body in (b'{"prompt": "a", "suffix": 1}', b'{"prompt": "a", "suffix": true}', b'{"prompt": "a", "suffix": {}}',
+                 b'{"prompt": "a", "suffix": "\\ud800"}'):
+        with pytest.raises(RequestError) as info:
+            parse_request(body, 16, 8)
+        assert info.value.status == 400 and "suffix" in str(info.value)
