@@ -146,13 +146,15 @@ def lora_state_dict(model: nn.Module, extra=()) -> dict:
     return {k: v for k, v in model.state_dict().items() if _is_lora(k) or k.startswith(extra)}
 
 
-def load_lora_state_dict(model: nn.Module, state_dict: dict):
+def load_lora_state_dict(model: nn.Module, state_dict: dict, extra=()):
     """Load an adapter saved by lora_state_dict into a model injected with the same targets and rank.
-    Every LoRA tensor of the model must be provided, and every provided tensor must exist in the model."""
+    Every LoRA tensor of the model (and every tensor whose name starts with a prefix in `extra`) must
+    be provided, and every provided tensor must exist in the model."""
     if any(layer.merged for layer in lora_layers(model)):
         raise ValueError("cannot load LoRA weights into a merged model: call unmerge_lora(model) first")
+    extra = _as_tuple(extra)
     own = model.state_dict()
-    missing = sorted(k for k in own if _is_lora(k) and k not in state_dict)
+    missing = sorted(k for k in own if (_is_lora(k) or k.startswith(extra)) and k not in state_dict)
     unexpected = sorted(k for k in state_dict if k not in own)
     mismatched = [f"{k}: adapter {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
@@ -162,6 +164,28 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict):
         raise ValueError("LoRA state dict does not fit the model (were the same targets and rank injected?): "
                          + "; ".join(problems))
     model.load_state_dict(state_dict, strict=False)
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict:
+    """The model's weights on the CPU with every LoRA update folded in and no LoRA keys: what the
+    model without adapters expects (a plain Llama for load_pretrained). The model itself is left
+    as it is (merged or not); tied matrices stay one shared tensor."""
+    lora = {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+    copies, state = {}, {}  # data_ptr -> CPU copy, so that tied matrices stay one tensor
+    for key, value in model.state_dict().items():
+        if key.endswith((".lora_A", ".lora_B")):
+            continue
+        if key.endswith(".base.weight"):
+            name = key[: -len(".base.weight")]
+            layer = lora[name]
+            merged = value if layer.merged else value + layer.delta_weight()
+            state[name + ".weight"] = merged.detach().to("cpu", copy=True)
+            continue
+        if value.data_ptr() not in copies:
+            copies[value.data_ptr()] = value.detach().to("cpu", copy=True)
+        state[key] = copies[value.data_ptr()]
+    return state
 
 
 def expected_lora_parameters(config, rank: int, targets=DEFAULT_TARGETS) -> int:

@@ -9,7 +9,6 @@ Data lines are `label ||| sentence`; label-name files are JSON lists. Every outp
 `predicted_label ||| sentence` line per input line, in input order.
 """
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -22,10 +21,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from classifier import POOLINGS, LlamaEmbeddingClassifier, LlamaZeroShotClassifier
-from llama import CheckpointError, load_pretrained
+from checkpoint import load_classifier, load_pretrained, save_classifier
 from optimizer import AdamW
 from tokenizer import Tokenizer
-from utils import DeviceError, atomic_save, atomic_write_text, pick_device, seed_everything
+from utils import CheckpointError, DataError, UsageError, atomic_write_text, pick_device, seed_everything
 
 GENERATE_PROMPT = ("Victor Frankenstein, a young scientist obsessed with uncovering the secrets of life, "
                    "succeeds in animating a creature assembled from")
@@ -44,14 +43,6 @@ VALUE_RULES = {
     "max_sentence_len": (lambda v: v is None or v >= 1, ">= 1 (tokens kept of each sentence; BOS comes on top)"),
     "epsilon": (lambda v: 0 <= v < 1, "in [0, 1) (a probability floor)"),
 }
-
-
-class UsageError(Exception):
-    """A problem the user can fix; main() prints the message and exits with status 2."""
-
-
-class DataError(UsageError):
-    """Bad input data; the message names the file and line."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,36 +290,14 @@ def train(args, device):
         dev_acc, *_ = model_eval(dev, model, args, device, "eval-dev")
         if dev_acc > best_dev_acc:
             best_dev_acc = dev_acc
-            save_model(model, config, args)
+            save_classifier(model, config, args.filepath)
+            print(f"save the model to {args.filepath}")
         print(f"epoch {epoch}: train loss :: {train_loss / n_batches :.3f}, train acc :: {train_acc :.3f}, dev acc :: {dev_acc :.3f}")
     return dev, test
 
 
-def save_model(model, config, args):
-    """Atomically save what evaluation needs: LoRA runs keep only the trainable tensors. The
-    backbone's config (model_args, its `causal` included) is recorded, and reloading uses it."""
-    state = model.state_dict()
-    if args.option == "lora":
-        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        state = {k: v for k, v in state.items() if k in trainable}
-    config.causal = model.llama.config.causal
-    atomic_save({"model": state, "model_config": vars(config), "model_args": dataclasses.asdict(model.llama.config),
-                 "args": vars(args)}, args.filepath)
-    print(f"save the model to {args.filepath}")
-
-
 def test(args, device, dev, test_data):
-    saved = torch.load(args.filepath, map_location="cpu", weights_only=True)
-    config = SimpleNamespace(**saved["model_config"])
-    model = LlamaEmbeddingClassifier(config)
-    if args.option == "lora":  # the frozen weights came from the pretrained checkpoint; the rest must all load
-        result = model.load_state_dict(saved["model"], strict=False)
-        missing = {name for name, p in model.named_parameters() if p.requires_grad} & set(result.missing_keys)
-        if missing or result.unexpected_keys:
-            raise CheckpointError(f"{args.filepath}: adapters do not fit the model: missing {sorted(missing)}, "
-                                  f"unexpected {result.unexpected_keys}")
-    else:
-        model.load_state_dict(saved["model"])
+    model = load_classifier(args.filepath)
     print(f"load model from {args.filepath}")
     return evaluate_and_write(prepare(model, args, device), dev, test_data, args, device)
 
@@ -429,7 +398,7 @@ def main(argv=None) -> int:
             else:
                 dev, test_data = train(args, device)
                 test(args, device, dev, test_data)
-    except (UsageError, DeviceError, CheckpointError, FileNotFoundError) as e:
+    except (UsageError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"done in {time.time() - started:.1f}s")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from llama import load_pretrained
+from utils import UsageError
 
 # Two token sequences (the second one padded), as in the course's sanity check.
 SENT_IDS = torch.tensor([[101, 7592, 2088, 102, 0, 0, 0, 0],
@@ -25,18 +26,14 @@ SENT_IDS = torch.tensor([[101, 7592, 2088, 102, 0, 0, 0, 0],
 OUTPUTS = ("logits", "hidden_states")
 
 
-class InputError(Exception):
-    """A checkpoint or reference file that cannot be checked; main() prints it and exits with 2."""
-
-
 def load_reference(path) -> dict:
     try:
         reference = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files
-        raise InputError(f"{path}: not a readable reference file ({type(e).__name__}: {e}); "
+        raise UsageError(f"{path}: not a readable reference file ({type(e).__name__}: {e}); "
                          "run `bash setup.sh` to place sanity_check.data") from None
     if not isinstance(reference, dict) or not all(isinstance(reference.get(k), torch.Tensor) for k in OUTPUTS):
-        raise InputError(f"{path}: expected a dict of tensors {OUTPUTS}, as in the course's sanity_check.data")
+        raise UsageError(f"{path}: expected a dict of tensors {OUTPUTS}, as in the course's sanity_check.data")
     return reference
 
 
@@ -44,11 +41,11 @@ def load_model(path, norm, causal):
     try:
         model = load_pretrained(path, norm_type=norm, causal=causal).eval()
     except ValueError as e:  # CheckpointError, or model_args that make no valid config
-        raise InputError(str(e)) from None
+        raise UsageError(str(e)) from None
     needed = {"vocab_size": int(SENT_IDS.max()) + 1, "max_seq_len": SENT_IDS.shape[1]}  # by the sanity-check tokens
     for name, least in needed.items():
         if getattr(model.config, name) < least:
-            raise InputError(f"{path}: {name} {getattr(model.config, name)} is too small for the sanity-check tokens "
+            raise UsageError(f"{path}: {name} {getattr(model.config, name)} is too small for the sanity-check tokens "
                              f"(they need {least}); use stories42M.pt")
     return model
 
@@ -56,7 +53,7 @@ def load_model(path, norm, causal):
 def check_shapes(outputs: dict, reference: dict, args):
     for name in OUTPUTS:
         if outputs[name].shape != reference[name].shape:
-            raise InputError(f"{args.checkpoint}: {name} of shape {tuple(outputs[name].shape)}, but {args.data} has "
+            raise UsageError(f"{args.checkpoint}: {name} of shape {tuple(outputs[name].shape)}, but {args.data} has "
                              f"{tuple(reference[name].shape)}: not the checkpoint the reference was computed with")
 
 
@@ -124,7 +121,7 @@ def main(argv=None) -> int:
         print("Your Llama implementation is correct!" if ok else "Sanity check FAILED")
         if not ok:
             diagnose(reference, args)
-    except InputError as e:
+    except UsageError as e:
         print(f"sanity_check: {e}", file=sys.stderr)
         return 2
     return 0 if ok else 1

@@ -8,7 +8,23 @@ import numpy as np
 import torch
 
 
-class DeviceError(RuntimeError):
+# The project's error types, one per kind. Every command line prints `error: <message>` for them and
+# exits with status 2, writing nothing; the message says what is wrong and, where it can, what to do.
+
+
+class UsageError(ValueError):
+    """A problem the user can fix: a flag out of range, a path that cannot be used, a bad request."""
+
+
+class DataError(UsageError):
+    """Bad input data; the message names the file and line."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be loaded: truncated, not a checkpoint, or not fitting the model."""
+
+
+class DeviceError(UsageError):
     """The requested device is not available."""
 
 

@@ -1,13 +1,10 @@
 """What the code-generation modules share: loading a model with its tokenizer, and the device."""
-from pathlib import Path
 from typing import List, Optional
 
-import torch
-
+from checkpoint import code_metadata, load_pretrained
 from codegen.fim import SENTINELS
-from llama import load_pretrained
 from tokenizer import Tokenizer
-from utils import pick_device  # noqa: F401  (the codegen modules take it from here)
+from utils import CheckpointError, pick_device  # noqa: F401  (the codegen modules take pick_device from here)
 
 
 class CodeTokenizer(Tokenizer):
@@ -30,12 +27,9 @@ def load_code_model(path, device="cpu", tokenizer_model: Optional[str] = None, *
     and a model that attends to later positions would see the token it is asked to predict (a
     plain stories42M.pt is otherwise loaded non-causal, as the course's classifiers use it)."""
     model = load_pretrained(path, **{**overrides, "causal": True}).to(device).eval()
-    sentinels = {}
-    if Path(path).suffix != ".bin":
-        meta = torch.load(path, map_location="cpu", weights_only=True).get("codegen", {})
-        sentinels = meta.get("sentinels", {})
+    sentinels = code_metadata(path).get("sentinels", {})
     unknown = set(sentinels) - set(SENTINELS)
     if unknown:
-        raise ValueError(f"{path}: unknown sentinel tokens {sorted(unknown)}")
+        raise CheckpointError(f"{path}: unknown sentinel tokens {sorted(unknown)}")
     return model, CodeTokenizer(tokenizer_model, sentinels)
 

@@ -48,6 +48,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from utils import DataError
+
 try:
     from tqdm import tqdm
 except ImportError:  # tqdm is only cosmetic
@@ -62,10 +64,6 @@ APPS_TEMPLATE = "Write Python code to solve this problem:\nProblem: {question}\n
 APPS_MAX_QUESTION_CHARS = 500   # question must be shorter than this
 APPS_MAX_SOLUTION_LINES = 400   # a solution must have fewer lines than this
 APPS_MAX_TESTS = 10             # stdin/stdout tests kept per problem for code_eval
-
-
-class DataError(ValueError):
-    """Bad input data or arguments, with the file (and line) to fix; main() exits 2 on it."""
 
 
 @dataclass

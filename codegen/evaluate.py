@@ -35,17 +35,13 @@ from tqdm import tqdm
 from codegen import execution
 from codegen.generate import generate_completions
 from codegen.metrics import bleu, chrf, exact_match, pass_at_k, rouge_l, syntax_valid
-from llama import CheckpointError
+from utils import CheckpointError, UsageError
 
 DEFAULT_DATA = "data/codegen/test.jsonl"
 HUMANEVAL_KEYS = ("task_id", "prompt", "test", "entry_point")
 SANDBOX_WARNING = ("!!! generated code was executed WITHOUT the bubblewrap sandbox (sandbox: {kind}): only "
                    "resource limits and in-process audit hooks, which do NOT reliably isolate the file system "
                    "or the network. Install bubblewrap (bwrap) before evaluating untrusted models. !!!")
-
-
-class UsageError(Exception):
-    """A problem the user can fix: printed as one line, exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,9 +47,9 @@ from codegen.infill import add_fim_sentinels, encode_psm
 from codegen.metrics import chrf
 from config import LlamaConfig
 from llama import Llama
-from lora import LoRALayer, expected_lora_parameters, inject_lora, mark_only_lora_trainable
+from lora import LoRALayer, expected_lora_parameters, inject_lora, mark_only_lora_trainable, merged_state_dict
 from optimizer import AdamW
-from utils import atomic_save, atomic_write_text, seed_everything
+from utils import UsageError, atomic_save, atomic_write_text, seed_everything
 
 try:
     from tqdm import tqdm
@@ -61,10 +61,6 @@ LORA_TARGETS = ("compute_query", "compute_key", "compute_value", "compute_output
 SCHEDULES = ("cosine", "linear", "constant")
 LOG_FIELDS = ("step", "epoch", "lr", "train_loss", "valid_loss", "chrf", "tokens_per_s", "elapsed")
 CHUNK_BATCHES = 32  # length bucketing: batches are cut from sorted chunks of this many batches
-
-
-class UsageError(ValueError):
-    """A problem with the command line or the inputs; reported as `error: ...` with exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,27 +414,6 @@ def make_optimizer(model, partial, args, device):
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                  foreach=device.type == "cuda")
-
-
-@torch.no_grad()
-def merged_state_dict(model) -> dict:
-    """The model's weights on the CPU with every LoRA update folded in and no LoRA keys: what a plain
-    Llama (load_pretrained) expects. Tied matrices stay one shared tensor."""
-    lora = {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
-    copies, state = {}, {}  # data_ptr -> CPU copy, so that tied matrices stay one tensor
-    for key, value in model.state_dict().items():
-        if key.endswith((".lora_A", ".lora_B")):
-            continue
-        if key.endswith(".base.weight"):
-            name = key[: -len(".base.weight")]
-            layer = lora[name]
-            merged = value if layer.merged else value + layer.delta_weight()
-            state[name + ".weight"] = merged.detach().to("cpu", copy=True)
-            continue
-        if value.data_ptr() not in copies:
-            copies[value.data_ptr()] = value.detach().to("cpu", copy=True)
-        state[key] = copies[value.data_ptr()]
-    return state
 
 
 def best_checkpoint(model, meta: dict) -> dict:

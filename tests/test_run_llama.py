@@ -243,7 +243,7 @@ def test_training_keeps_the_first_of_equally_good_epochs(workdir, monkeypatch):
     accuracies = iter([0.9, 0.5, 0.9, 0.5, 0.9, 0.5])  # (train, dev) per epoch: dev ties at 0.5
     monkeypatch.setattr(run_llama, "model_eval", lambda data, *a, **k: (next(accuracies), [], []))
     saved = []
-    monkeypatch.setattr(run_llama, "save_model", lambda model, config, args: saved.append(1))
+    monkeypatch.setattr(run_llama, "save_classifier", lambda model, config, path: saved.append(1))
     args = run_llama.get_args(["--option", "finetune", "--epochs", "3", "--batch_size", "16", "--quiet",
                                "--pretrained-model-path", "tiny.pt", *data_args("easy", "finetuning")])
     args.pad_id = 0

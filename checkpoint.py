@@ -1,0 +1,246 @@
+"""Every checkpoint format the project reads or writes, in one place; each failure is a CheckpointError.
+
+    load_pretrained(path, **overrides) -> Llama    stories42M.pt (minllama or llama2.c names), llama2.c .bin
+    save_llama2c_bin(model, path)                  the .bin that llama2.c's run.c reads
+    save_classifier(model, config, path)           run_llama's fine-tuned classifier (LoRA: adapters + head)
+    load_classifier(path) -> classifier            ... and back
+    code_metadata(path) -> dict                    the "codegen" entry of a code-training best.pt
+
+`from llama import load_pretrained` keeps working (the course's sanity_check.py imports it from there).
+"""
+import dataclasses
+import math
+import struct
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from config import LlamaConfig
+from utils import CheckpointError, atomic_save, atomic_write
+
+# ----------------------------------------------------------------------------------------------
+# stories42M.pt and llama2.c .bin
+
+# llama2.c names the projections wq/wk/wv/wo; the assignment names them compute_*.
+_LLAMA2C_NAMES = {".attention.wq.": ".attention.compute_query.", ".attention.wk.": ".attention.compute_key.",
+                  ".attention.wv.": ".attention.compute_value.", ".attention.wo.": ".attention.compute_output."}
+_IGNORED_KEYS = {"freqs_cos", "freqs_sin"}  # RoPE tables some llama2.c versions saved; we recompute them
+
+
+def _rename(key: str) -> str:
+    key = key.removeprefix("_orig_mod.")  # left by torch.compile
+    for old, new in _LLAMA2C_NAMES.items():
+        key = key.replace(old, new)
+    return key
+
+
+def load_state_dict_strict(model, state_dict: dict, source) -> None:
+    """Load weights, raising one CheckpointError that lists every missing, unexpected or
+    mis-shaped tensor (the course's strict=False silently kept random weights instead)."""
+    state_dict = {_rename(k): v for k, v in state_dict.items() if _rename(k) not in _IGNORED_KEYS}
+    expected = model.state_dict()
+    if "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
+        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]  # tied: saving one is enough
+    if "tok_embeddings.weight" not in state_dict and "output.weight" in state_dict:
+        state_dict["tok_embeddings.weight"] = state_dict["output.weight"]
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
+    problems = [f"missing keys {missing}"] * bool(missing) + [f"unexpected keys {unexpected}"] * bool(unexpected)
+    problems += [f"shape mismatches {mismatched}"] * bool(mismatched)
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not fit the model: " + "; ".join(problems))
+    if not torch.equal(state_dict["output.weight"], state_dict["tok_embeddings.weight"]):
+        model.output.weight = nn.Parameter(torch.empty_like(model.output.weight))  # untie
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises many types for corrupt files; report one clear error
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def _load_torch_checkpoint(path: Path, overrides: dict):
+    checkpoint = _torch_load(path)
+    if not isinstance(checkpoint, dict) or "model_args" not in checkpoint or "model" not in checkpoint:
+        raise CheckpointError(f"{path}: expected a dict with 'model_args' and 'model' (the stories42M.pt format)")
+    if not isinstance(checkpoint["model_args"], dict) or not isinstance(checkpoint["model"], dict):
+        raise CheckpointError(f"{path}: 'model_args' and 'model' must be dicts (the stories42M.pt format)")
+    args = {"norm_type": "layernorm", **checkpoint["model_args"]}
+    args.setdefault("causal", not is_course_checkpoint(checkpoint))
+    args.setdefault("norm_bias", any(_rename(str(k)).endswith("norm.bias") for k in checkpoint["model"]))
+    try:
+        config = LlamaConfig.from_model_args(args, **overrides)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path}: its model_args do not make a valid config ({e})") from None
+    return config, checkpoint["model"]
+
+
+def is_course_checkpoint(checkpoint: dict) -> bool:
+    """A stories42M.pt as llama2.c's train.py wrote it, which the course's reference ran without a
+    causal mask: its model_args hold only llama2.c's keys. Every checkpoint this project writes
+    stores its whole config (norm_type and causal among the keys), and code-training ones a "codegen"
+    entry, so they keep the semantics they were trained with, older ones included (all causal)."""
+    return "codegen" not in checkpoint and not {"norm_type", "causal"} & set(checkpoint["model_args"])
+
+
+_BIN_HEADER = struct.Struct("7i")  # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len
+
+
+def _load_llama2c_bin(path: Path, overrides: dict):
+    """llama2.c's legacy export: the header above, then fp32 tensors grouped by kind across layers,
+    the RoPE tables, and the output matrix only when vocab_size was written negative (untied)."""
+    data = path.read_bytes()
+    if len(data) < _BIN_HEADER.size:
+        raise CheckpointError(f"{path}: {len(data)} bytes is too short for a llama2.c checkpoint header")
+    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, max_seq_len = _BIN_HEADER.unpack_from(data)
+    shared = vocab_size > 0
+    if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, max_seq_len, abs(vocab_size)) <= 0:
+        raise CheckpointError(f"{path}: header has non-positive sizes: not a llama2.c checkpoint")
+    try:
+        config = LlamaConfig.from_model_args(
+            dict(dim=dim, hidden_dim=hidden_dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                 vocab_size=abs(vocab_size), max_seq_len=max_seq_len, norm_type="rmsnorm"), **overrides)
+    except (ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path}: header is not a llama2.c checkpoint ({e})") from None
+    layout = _llama2c_layout(config, shared)
+    expected = _BIN_HEADER.size + 4 * sum(math.prod(shape) for _, shape in layout)
+    if len(data) != expected:
+        raise CheckpointError(f"{path}: {len(data)} bytes, but a llama2.c checkpoint with this header has "
+                              f"{expected} (truncated, or not a llama2.c .bin file)")
+    flat = torch.frombuffer(bytearray(data[_BIN_HEADER.size :]), dtype=torch.float32)
+    state_dict, offset = {}, 0
+    for name, shape in layout:
+        n = math.prod(shape)
+        state_dict[name] = flat[offset : offset + n].view(shape).clone()
+        offset += n
+    for name in _IGNORED_KEYS:
+        state_dict.pop(name)
+    return config, state_dict
+
+
+def _llama2c_layout(config: LlamaConfig, shared: bool):
+    """(name, shape) of every tensor of a llama2.c .bin file, in file order."""
+    c, kv_dim = config, config.n_kv_heads * config.head_dim
+    per_layer = [("attention_norm.weight", (c.dim,)), ("attention.compute_query.weight", (c.dim, c.dim)),
+                 ("attention.compute_key.weight", (kv_dim, c.dim)), ("attention.compute_value.weight", (kv_dim, c.dim)),
+                 ("attention.compute_output.weight", (c.dim, c.dim)), ("ffn_norm.weight", (c.dim,)),
+                 ("feed_forward.w1.weight", (c.hidden_dim, c.dim)), ("feed_forward.w2.weight", (c.dim, c.hidden_dim)),
+                 ("feed_forward.w3.weight", (c.hidden_dim, c.dim))]
+    layout = [("tok_embeddings.weight", (c.vocab_size, c.dim))]
+    layout += [(f"layers.{i}.{name}", shape) for name, shape in per_layer for i in range(c.n_layers)]
+    layout += [("norm.weight", (c.dim,)), ("freqs_cos", (c.max_seq_len, c.head_dim // 2)),
+               ("freqs_sin", (c.max_seq_len, c.head_dim // 2))]
+    if not shared:
+        layout.append(("output.weight", (c.vocab_size, c.dim)))
+    return layout
+
+
+def save_llama2c_bin(model, path) -> None:
+    """Write `model` in llama2.c's legacy .bin format, the one its run.c reads (and
+    load_pretrained reads back). run.c hard-codes RMSNorm with eps 1e-5 and RoPE base 10000, so
+    any other model is refused rather than exported to compute something else there. The file
+    appears whole or not at all (utils.atomic_write)."""
+    c = model.config
+    if (c.norm_type, c.norm_eps, c.rope_theta, c.causal) != ("rmsnorm", 1e-5, 10000.0, True):
+        raise ValueError(f"run.c computes causal attention, RMSNorm (eps 1e-5) and RoPE with base 10000; this "
+                         f"model has {'causal' if c.causal else 'non-causal'} attention, {c.norm_type} "
+                         f"(eps {c.norm_eps}), RoPE base {c.rope_theta}: not exportable")
+    shared = model.output.weight is model.tok_embeddings.weight
+    tensors = {**model.state_dict(), "freqs_cos": model.freqs_cos, "freqs_sin": model.freqs_sin}
+
+    def write(f):
+        f.write(_BIN_HEADER.pack(c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads,
+                                 c.vocab_size if shared else -c.vocab_size, c.max_seq_len))
+        for name, _ in _llama2c_layout(c, shared):
+            f.write(tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
+
+    atomic_write(path, write)
+
+
+def load_pretrained(checkpoint, **overrides):
+    """Build a Llama from a stories42M.pt-style dict (either naming scheme) or a llama2.c .bin.
+
+    `overrides` replace config fields, e.g. norm_type="rmsnorm", causal=True or dropout=0.1.
+    Defaults follow the format: .pt files get the assignment's LayerNorm (with a bias when the file
+    has `*norm.bias` tensors), .bin files llama2.c's RMSNorm. A plain stories42M.pt (see
+    is_course_checkpoint) is non-causal, as the course's reference computed it; .bin files and
+    everything this project writes are causal (the latter record `causal` in their model_args)."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} not found: run `bash setup.sh` with network access to download "
+            "stories42M.pt, or pass --pretrained-model-path to a checkpoint you have")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch's zip format, or its legacy one: a pickle (protocol 2) of a 10-byte magic integer. Not just
+    # "starts with 0x80": a llama2.c header starts with dim as int32, and dim 128, 384, 640... do too.
+    is_torch = zipfile.is_zipfile(path) or head == b"\x80\x02\x8a\x0a"
+    load = _load_torch_checkpoint if is_torch or path.suffix == ".pt" else _load_llama2c_bin
+    config, state_dict = load(path, overrides)
+    from llama import Llama  # here, not at the top: llama.py re-exports this function
+
+    model = Llama(config)
+    load_state_dict_strict(model, state_dict, path)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# run_llama's classifiers
+
+
+def save_classifier(model, config, path) -> None:
+    """Atomically save a fine-tuned LlamaEmbeddingClassifier: the trained tensors (a LoRA run keeps
+    only its adapters and the head: lora.lora_state_dict), the classifier's settings (config, a
+    namespace) and its backbone's model_args, `causal` included, which load_classifier reuses."""
+    from lora import lora_state_dict
+
+    config.causal = model.llama.config.causal
+    lora = config.option == "lora"
+    state = lora_state_dict(model, extra="classifier_head") if lora else model.state_dict()
+    atomic_save({"model": state, "model_config": vars(config),
+                 "model_args": dataclasses.asdict(model.llama.config)}, path)
+
+
+def load_classifier(path):
+    """The classifier save_classifier wrote: its backbone is loaded again from the pretrained
+    checkpoint named in its settings (a LoRA run stores only what it trained)."""
+    from types import SimpleNamespace
+
+    from classifier import LlamaEmbeddingClassifier
+    from lora import load_lora_state_dict
+
+    saved = _torch_load(Path(path))
+    if not isinstance(saved, dict) or not isinstance(saved.get("model_config"), dict) or "model" not in saved:
+        raise CheckpointError(f"{path}: not a classifier checkpoint (expected 'model' and 'model_config', "
+                              "as run_llama.py --option finetune/lora writes)")
+    config = SimpleNamespace(**saved["model_config"])
+    model = LlamaEmbeddingClassifier(config)
+    try:
+        if config.option == "lora":
+            load_lora_state_dict(model, saved["model"], extra="classifier_head")
+        else:
+            model.load_state_dict(saved["model"])
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the saved tensors do not fit the classifier ({e})") from None
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# code-training checkpoints
+
+
+def code_metadata(path) -> dict:
+    """The "codegen" entry (FIM sentinel ids, training settings) of a checkpoint written by code
+    training; {} for any other checkpoint."""
+    if Path(path).suffix == ".bin":
+        return {}
+    meta = _torch_load(Path(path)).get("codegen", {})
+    return meta if isinstance(meta, dict) else {}
