@@ -3,6 +3,7 @@
 tokens -> embedding -> n_layers x [norm -> attention -> +residual -> norm -> SwiGLU MLP -> +residual]
        -> final norm -> output projection (tied to the embedding) -> logits
 """
+import functools
 import math
 from typing import Optional
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from base_llama import LlamaPreTrainedModel
 from checkpoint import CheckpointError, load_pretrained, save_llama2c_bin  # noqa: F401  (re-exported: graders import them from here)
 from config import LlamaConfig
+from decoding import KVCache, attention_mask, decode, left_align, sample_epsilon
 from rope import rope_frequencies, rotate
 
 
@@ -69,73 +71,6 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x.repeat_interleave(n_rep, dim=1)
 
 
-def attention_mask(key_valid: torch.Tensor, n_queries: int, causal: bool = True) -> torch.Tensor:
-    """Boolean mask (batch, 1, n_queries, n_keys), True where a query may look at a key.
-
-    The queries are the last n_queries of the n_keys positions (the rest sit in a KV cache). A query
-    sees keys that are real tokens (key_valid), only earlier ones when causal, and always itself, so
-    that padding rows never have an empty softmax."""
-    n_keys = key_valid.shape[1]
-    q_pos = torch.arange(n_keys - n_queries, n_keys, device=key_valid.device)[:, None]
-    k_pos = torch.arange(n_keys, device=key_valid.device)[None, :]
-    allowed = key_valid[:, None, :] | (k_pos == q_pos)
-    if causal:
-        allowed = allowed & (k_pos <= q_pos)
-    return allowed[:, None]
-
-
-def store_transposed(linear: nn.Linear) -> None:
-    """Keep linear.weight's (out_features, in_features) shape and values, but lay its memory out
-    as a contiguous (in_features, out_features) matrix, as GPT-2's Conv1D and JAX's Dense do.
-
-    F.linear computes x @ weight.T; with this layout weight.T is a plain row-major matrix. For one
-    token (decoding), MKL then streams a widening layer's weights (out > in: the 32000 x 512 output
-    projection, w1, w3) 1.4-2x faster on our AMD CPU than in the (out, in) layout, which stays
-    better for narrowing ones (w2); see bench/README.md. Checkpoints are unaffected: state_dict
-    shapes stay (out, in), and loading copies values into this layout."""
-    linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t(),
-                                 requires_grad=linear.weight.requires_grad)
-
-
-class KVCache:
-    """Keys and values of every layer for the positions seen so far, preallocated once:
-    decoding then costs one new row per layer and step instead of recomputing the prefix.
-
-    One buffer per layer, heads-first, (batch, n_kv_heads, max_len, head_dim), the layout
-    attention multiplies in: the keys so far are then a view that (batch, heads) flattens into one
-    batch dimension of a batched matmul without copying the cache at every step. (Separate tensors
-    rather than slices of one: torch.compile then writes a step's row in place, where a slice of a
-    shared buffer made it copy the whole buffer at every step.)"""
-
-    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
-        self.length = 0  # positions filled; the model advances it after each forward
-        self.slot = None  # Llama.decode_step: a (1,) tensor, the slot this step writes
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store this step's (batch, n_kv_heads, seqlen, head_dim) keys/values; return all so far.
-
-        With `slot` set (fixed-shape decoding), write there and return every slot: the caller's
-        mask hides the ones not written yet, and shapes stay the same from step to step."""
-        k_cache, v_cache = self.k[layer], self.v[layer]
-        if self.slot is not None:
-            k_cache[:, :, self.slot] = k.to(k_cache.dtype)
-            v_cache[:, :, self.slot] = v.to(v_cache.dtype)
-            return k_cache, v_cache
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, {end} needed")
-        k_cache[:, :, self.length : end] = k
-        v_cache[:, :, self.length : end] = v
-        return k_cache[:, :, :end], v_cache[:, :, :end]
-
-
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_id: int = 0):
         super().__init__()
@@ -168,7 +103,7 @@ class Attention(nn.Module):
         scores = query @ key.transpose(-2, -1) / math.sqrt(self.head_dim)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        weights = F.softmax(scores.float(), dim=-1).type_as(query)
+        weights = F.softmax(upcast(scores), dim=-1).type_as(query)
         return self.attn_dropout(weights) @ value
 
     def forward(self, x, cos, sin, cache: Optional[KVCache] = None, mask=None):
@@ -231,9 +166,6 @@ class Llama(LlamaPreTrainedModel):
         self.layers = nn.ModuleList(LlamaLayer(i, config) for i in range(config.n_layers))
         self.norm = make_norm(config)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.out_features > module.in_features:
-                store_transposed(module)  # faster decoding, same maths
         self.tok_embeddings.weight = self.output.weight  # weight tying
         cos, sin = rope_frequencies(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("freqs_cos", cos, persistent=False)
@@ -250,155 +182,52 @@ class Llama(LlamaPreTrainedModel):
         """Returns (logits, hidden_states). Logits cover every position when `targets` is given
         (training), else only the last one (generation), as in the assignment.
 
-        Decoding extras: `cache` continues from cache.length; `positions` (batch, seqlen) gives each
-        token's RoPE position (left-padded batches); `key_valid` (batch, keys so far) marks real tokens."""
+        Decoding extras (see decoding.py): `cache` continues from cache.length (which this advances);
+        `positions` (batch, seqlen) gives each token's RoPE position (left-padded batches);
+        `key_valid` (batch, keys so far) marks real tokens. A fixed-shape step (cache.slot set) writes
+        one position to that slot and attends to every slot that key_valid marks."""
         _, seqlen = tokens.shape
         if cache is not None and not self.config.causal:
             raise ValueError("a KV cache needs a causal model: without the causal mask, earlier positions "
                              "change when later tokens arrive")
-        start = cache.length if cache is not None else 0
         if positions is None:
+            start = cache.length if cache is not None else 0
             if start + seqlen > self.config.max_seq_len:
                 raise ValueError(f"sequence of {start + seqlen} tokens exceeds max_seq_len={self.config.max_seq_len}")
-            cos, sin = self.freqs_cos[start : start + seqlen], self.freqs_sin[start : start + seqlen]
+            positions = torch.arange(start, start + seqlen, device=tokens.device)
+        cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
+        fixed_shape = cache is not None and cache.slot is not None
+        if fixed_shape:
+            mask = key_valid[:, None, None, :]
         else:
-            cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
-        mask = attention_mask(key_valid, seqlen, self.config.causal) if key_valid is not None else None
+            mask = attention_mask(key_valid, seqlen, self.config.causal) if key_valid is not None else None
         h = self.dropout(self.tok_embeddings(tokens))
         for layer in self.layers:
             h = layer(h, cos, sin, cache, mask)
-        if cache is not None:
+        if cache is not None and not fixed_shape:
             cache.length += seqlen
         h = self.norm(h)
         logits = self.output(h) if targets is not None else self.output(h[:, -1:, :])
         return logits, h
-
-    def decode_step(self, tokens, positions, key_valid, cache: KVCache):
-        """One new token per row, with the same shapes at every step, so that torch.compile
-        traces it once and a GPU can replay it as one CUDA graph: tokens and positions (batch, 1),
-        key_valid (batch, cache.max_len) True on the cache slots that hold real tokens, this
-        step's included; the keys/values go to slot cache.slot. Returns logits (batch, 1, vocab)."""
-        cos, sin = self.freqs_cos[positions], self.freqs_sin[positions]
-        mask = key_valid[:, None, None, :]
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, cos, sin, cache, mask)
-        return self.output(self.norm(h))
-
-    def compiled_decoder(self, batch: int, length: int, device, dtype):
-        """(decode_step compiled, a KVCache for at least `length` positions), kept between generate
-        calls. The cache has a power-of-two number of slots (capped at max_seq_len): a few shapes
-        to compile, and at most twice the slots a step must read. On CUDA the mode is
-        "reduce-overhead": the step's fused kernels are replayed as one CUDA graph, removing the
-        hundreds of kernel launches that otherwise bound batch-1 decoding."""
-        slots = min(self.config.max_seq_len, 1 << max(6, (length - 1).bit_length()))
-        key = (batch, slots, str(device), dtype)
-        if getattr(self, "_decoder_key", None) != key:
-            cache = KVCache(self.config, batch, slots, device, dtype)
-            mode = None
-            if torch.device(device).type == "cuda":
-                for buffer in cache.k + cache.v:  # mutated in place inside the graph
-                    torch._dynamo.mark_static_address(buffer)
-                mode = "reduce-overhead"
-            self._decoder = (torch.compile(self.decode_step, mode=mode, fullgraph=True), cache)
-            self._decoder_key = key
-        step, cache = self._decoder
-        cache.length, cache.slot = 0, None
-        return step, cache
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, epsilon=0.05, *, generator=None,
                  eos_id=None, prompt_mask=None, use_cache=True, compile=False):
         """Continue every row of idx (batch, seqlen) by max_new_tokens tokens, or until eos_id.
 
-        temperature 0 is greedy; otherwise epsilon sampling (see sample_next; epsilon=0.05 is the
-        course's default). prompt_mask (batch,
-        seqlen), True on real tokens, allows prompts of different lengths padded on either side:
-        they are left-aligned and RoPE positions counted from each prompt's first real token.
-        Returns (batch, seqlen + n_new): the (left-aligned) prompts, then the new tokens; a row
-        that has emitted eos_id is filled with eos_id. use_cache=False recomputes the whole
-        sequence for every token, the readable reference the KV cache is tested against.
-        compile=True decodes through decode_step compiled by torch.compile (CUDA graphs on a GPU):
-        the same tokens; the first call pays the compilation (about a minute on our CPU, where it
-        gains nothing: see bench/README.md).
+        temperature 0 is greedy; otherwise epsilon sampling (decoding.sample_epsilon; epsilon=0.05 is
+        the course's default). prompt_mask (batch, seqlen), True on real tokens, allows prompts of
+        different lengths padded on either side. Returns (batch, seqlen + n_new): the (left-aligned)
+        prompts, then the new tokens; a row that has emitted eos_id is filled with eos_id.
 
-        A non-causal model (config.causal False, the course's) cannot use a KV cache: every new token
-        changes what the earlier positions see. It decodes as the course's reference generate does,
-        recomputing the whole window for every token; use_cache and compile are then ignored."""
-        if not self.config.causal:
-            use_cache = compile = False
+        The loop itself is decoding.decode: a KV cache by default (use_cache=False recomputes the
+        whole window for every token, the readable reference), compile=True for torch.compile / CUDA
+        graphs. A non-causal model (config.causal False, the course's) cannot use a KV cache: every
+        new token changes what the earlier positions see, so it decodes as the course's reference
+        generate does, recomputing the window for every token."""
+        sample = functools.partial(sample_epsilon, temperature=temperature, epsilon=epsilon, generator=generator)
+        stop = None if eos_id is None else (lambda tokens: tokens[:, 0] == eos_id)
         idx, valid = left_align(idx, prompt_mask)
-        batch, seqlen = idx.shape
-        if compile and valid is None:
-            valid = torch.ones_like(idx, dtype=torch.bool)  # decode_step takes explicit positions
-        positions = (valid.cumsum(1) - 1).clamp(min=0) if valid is not None else None
-        cache = None
-        if use_cache:
-            if seqlen + max_new_tokens > self.config.max_seq_len:
-                raise ValueError(f"{seqlen} + {max_new_tokens} tokens exceed max_seq_len={self.config.max_seq_len}; "
-                                 "pass use_cache=False to slide a window instead")
-            if compile:
-                step, cache = self.compiled_decoder(batch, seqlen + max_new_tokens, idx.device, self.dtype)
-            else:
-                cache = KVCache(self.config, batch, seqlen + max_new_tokens, idx.device, self.dtype)
-        finished = torch.zeros(batch, dtype=torch.bool, device=idx.device)
-        step_tokens, step_positions = idx, positions
-        for i in range(max_new_tokens):
-            if not use_cache:
-                window = slice(-self.config.max_seq_len, None)  # the course's sliding window
-                logits, _ = self(idx[:, window], positions=None if positions is None else positions[:, window],
-                                 key_valid=None if valid is None else valid[:, window])
-            elif compile and i > 0:  # the prompt went through forward (prefill); now fixed shapes
-                logits = fixed_shape_step(step, cache, step_tokens, step_positions, valid)
-            else:
-                logits, _ = self(step_tokens, cache=cache, positions=step_positions, key_valid=valid)
-            next_token = sample_next(logits[:, -1, :], temperature, epsilon, generator)
-            if eos_id is not None:
-                next_token = next_token.masked_fill(finished[:, None], eos_id)
-                finished |= next_token[:, 0] == eos_id
-            idx = torch.cat((idx, next_token), dim=1)
-            step_tokens = next_token
-            if valid is not None:
-                valid = F.pad(valid, (0, 1), value=True)
-                step_positions = positions[:, -1:] + 1
-                positions = torch.cat((positions, step_positions), dim=1)
-            if eos_id is not None and finished.all():  # (a GPU sync: only when there is an eos_id)
-                break
-        return idx
-
-
-def fixed_shape_step(step, cache: KVCache, tokens, positions, valid):
-    """Run step (Llama.decode_step, compiled) for the next cache slot; valid (batch, slots so far)."""
-    cache.slot = torch.full((1,), cache.length, device=tokens.device)
-    if tokens.is_cuda:  # a replay may overwrite the last step's logits: we are done with them
-        torch.compiler.cudagraph_mark_step_begin()
-    logits = step(tokens, positions, F.pad(valid, (0, cache.max_len - valid.shape[1])), cache)
-    cache.length += 1
-    return logits
-
-
-def sample_next(logits, temperature: float, epsilon: float = 0.05, generator=None):
-    """Pick the next token from logits (batch, vocab) -> (batch, 1).
-
-    temperature 0: the argmax. Otherwise epsilon sampling (Hewitt et al. 2022): divide the logits
-    by the temperature, softmax, drop every token whose probability is below epsilon (never the
-    most likely one), renormalise and sample."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1, keepdim=True)
-    probs = F.softmax(logits.float() / temperature, dim=-1)
-    keep = (probs >= epsilon) | (probs == probs.max(dim=-1, keepdim=True).values)
-    probs = torch.where(keep, probs, 0.0)
-    probs = probs / probs.sum(dim=-1, keepdim=True)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-def left_align(idx, prompt_mask):
-    """Move each row's real tokens (prompt_mask True) to the right end, padding on the left.
-    Returns (idx, valid); valid is None when there is no mask (all tokens real)."""
-    if prompt_mask is None:
-        return idx, None
-    prompt_mask = prompt_mask.to(torch.bool)
-    if not prompt_mask.any(dim=1).all():
-        raise ValueError("every prompt needs at least one real token")
-    order = torch.argsort(prompt_mask.to(torch.int8), dim=1, stable=True)  # pads first, order kept
-    return idx.gather(1, order), prompt_mask.gather(1, order)
+        steps = decode(self, idx, max_new_tokens, sample, prompt_mask=valid, stop=stop, use_cache=use_cache,
+                       compile=compile)
+        return torch.cat([idx, *steps], dim=1)

@@ -33,4 +33,8 @@ def main(argv) -> int:
         print(f"error: --no-causal: --option {option} predicts the next token, which a non-causal model would see "
               "in its input; code models are always causal", file=sys.stderr)
         return 2
-    return module.run(args)
+    try:
+        return module.run(args)
+    except (ValueError, FileNotFoundError) as e:  # UsageError, DataError, CheckpointError, DeviceError, ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2

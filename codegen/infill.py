@@ -3,6 +3,7 @@
     extend_vocab(model, n)             grow the (tied) embedding / output matrices by n rows
     add_fim_sentinels(model, tok)      the four FIM sentinels as new ids 32000..32003 -> {name: id}
     encode_psm(tok, prefix, suffix)    [PRE] prefix [SUF] suffix [MID] (+ middle [END] for training)
+    fim_prompt(tok, prefix, suffix, ...)   the inference prompt, fitted into the context, and its stop ids
     infill(model, tok, prefix, suffix) greedy (or sampled) middle, cut at <fim_end> or </s>
 
 Each part is encoded on its own with the SentencePiece model (so decode(encode(middle)) == middle:
@@ -15,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from codegen.fim import FIM_END, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, SENTINELS, psm_ids
+from decoding import fit_context
 
 
 def _is_tied(model) -> bool:
@@ -73,7 +75,7 @@ def add_fim_sentinels(model, tokenizer) -> Dict[str, int]:
     return dict(sentinels)
 
 
-def _sentinels_of(tokenizer) -> Dict[str, int]:
+def sentinels_of(tokenizer) -> Dict[str, int]:
     sentinels = getattr(tokenizer, "sentinels", None) or {}
     missing = [s for s in SENTINELS if s not in sentinels]
     if missing:
@@ -85,7 +87,7 @@ def _sentinels_of(tokenizer) -> Dict[str, int]:
 def encode_psm(tokenizer, prefix: str, suffix: str, middle: Optional[str] = None, bos: bool = False) -> List[int]:
     """Token ids of [PRE] prefix [SUF] suffix [MID], then middle [END] when middle is given (training).
     bos=True puts the tokenizer's BOS first (what codegen.train and infill() do)."""
-    sentinels = _sentinels_of(tokenizer)
+    sentinels = sentinels_of(tokenizer)
 
     def enc(s):
         return tokenizer.encode(s, bos=False, eos=False) if s else []
@@ -105,45 +107,38 @@ def cut_at_stop(ids: List[int], stop_ids) -> List[int]:
     return list(ids)
 
 
-@torch.no_grad()
-def infill(model, tokenizer, prefix: str, suffix: str, max_new_tokens: int = 128, temperature: float = 0.0,
-           epsilon: float = 3e-4, generator=None) -> str:
-    """The text the model puts between prefix and suffix: generation after [MID], cut at the first
-    <fim_end> or </s>. temperature 0 is greedy. When the prompt and max_new_tokens do not fit the
-    model's context, the generation gets at most half of it (or all that is left) and the prefix loses
-    its oldest tokens, the suffix its last ones (the text nearest the hole is kept)."""
-    sentinels = _sentinels_of(tokenizer)
-    if max(sentinels.values()) >= model.vocab_size:
-        raise ValueError(f"sentinel ids {sentinels} are outside the model's vocabulary ({model.vocab_size})")
-    max_seq_len = model.config.max_seq_len
+def fim_prompt(tokenizer, prefix: str, suffix: str, max_new_tokens: int, max_seq_len: int, vocab_size: int):
+    """(ids of BOS [PRE] prefix [SUF] suffix [MID], max_new_tokens, stop ids {<fim_end>, </s>}).
+
+    When the prompt and max_new_tokens do not fit the context, decoding.fit_context shares it out
+    (generation gets at most half, or all that is left) and the prefix loses its oldest tokens, the
+    suffix its last ones: the text nearest the hole is kept."""
+    sentinels = sentinels_of(tokenizer)
+    if max(sentinels.values()) >= vocab_size:
+        raise ValueError(f"sentinel ids {sentinels} are outside the model's vocabulary ({vocab_size})")
     pre_ids = tokenizer.encode(prefix, bos=False, eos=False) if prefix else []
     suf_ids = tokenizer.encode(suffix, bos=False, eos=False) if suffix else []
     n_fixed = 4  # BOS [PRE] [SUF] [MID]
-    if n_fixed + len(pre_ids) + len(suf_ids) + max_new_tokens > max_seq_len:
-        # shrink the generation to what fits, but keep at least half of the context for it
-        max_new_tokens = max(max_seq_len - n_fixed - len(pre_ids) - len(suf_ids),
-                             min(max_new_tokens, max_seq_len // 2))
-        budget = max_seq_len - max_new_tokens - n_fixed  # for prefix + suffix tokens
+    room, max_new_tokens = fit_context(n_fixed + len(pre_ids) + len(suf_ids), max_new_tokens, max_seq_len)
+    budget = room - n_fixed  # for prefix + suffix tokens
+    if len(pre_ids) + len(suf_ids) > budget:
         keep_suf = min(len(suf_ids), max(budget // 2, budget - len(pre_ids)))
         keep_pre = budget - keep_suf
         suf_ids = suf_ids[:keep_suf]  # the suffix's start and the prefix's end are nearest the hole
         pre_ids = pre_ids[len(pre_ids) - keep_pre:] if keep_pre > 0 else []
-    if max_new_tokens <= 0:
-        return ""
     ids = [tokenizer.bos_id] + psm_ids(pre_ids, [], suf_ids, sentinels)[:-1]
-    end_id = sentinels[FIM_END]
-    was_training = model.training
-    model.eval()
-    try:
-        idx = torch.tensor([ids], dtype=torch.long, device=model.device)
-        out = model.generate(idx, max_new_tokens, temperature=temperature, epsilon=epsilon,
-                             generator=generator, eos_id=end_id)
-    finally:
-        model.train(was_training)
-    new = cut_at_stop(out[0, len(ids):].tolist(), {end_id, tokenizer.eos_id})
-    n_words = getattr(tokenizer, "n_words", None) or tokenizer.sp_model.vocab_size()
-    return tokenizer.decode([t for t in new if t < n_words])
+    return ids, max(max_new_tokens, 0), {sentinels[FIM_END], tokenizer.eos_id}
 
 
-__all__ = ["extend_vocab", "add_fim_sentinels", "encode_psm", "infill", "cut_at_stop",
+def infill(model, tokenizer, prefix: str, suffix: str, max_new_tokens: int = 128, temperature: float = 0.0,
+           epsilon: float = 3e-4, generator=None) -> str:
+    """The text the model puts between prefix and suffix: generation after [MID], cut at the first
+    <fim_end> or </s> (codegen.generate decodes it, with fim_prompt's prompt). temperature 0 is greedy."""
+    from codegen.generate import generate_completions
+
+    return generate_completions(model, tokenizer, prefix, 1, max_new_tokens, temperature, None, epsilon, generator,
+                                suffix=suffix)[0].text
+
+
+__all__ = ["extend_vocab", "add_fim_sentinels", "encode_psm", "fim_prompt", "infill", "cut_at_stop",
            "FIM_PREFIX", "FIM_SUFFIX", "FIM_MIDDLE", "FIM_END"]

@@ -1,5 +1,5 @@
-"""codegen.generate: where completions stop, nucleus sampling, streamed KV-cache decoding, and the
-code_generate command line on a tiny synthetic checkpoint."""
+"""codegen.generate: where completions stop, streamed decoding (through decoding.decode), batched
+completions, infilling, and the code_generate command line on a tiny synthetic checkpoint."""
 import os
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from codegen.generate import _TopLevelScanner, complete, generate_completions, sample_top_p, stop_at_top_level
+from codegen.generate import _TopLevelScanner, complete, complete_all, generate_completions, stop_at_top_level
 from config import LlamaConfig
 from conftest import ROOT, asset_path
 from helpers import save_stories_pt
@@ -89,68 +89,6 @@ def test_incremental_scanning_agrees_with_one_shot(text):
 
 
 # ----------------------------------------------------------------------------------------------
-# sample_top_p
-
-
-def nucleus(probs: torch.Tensor, p: float) -> set:
-    """The smallest set of most likely tokens whose probability reaches p, computed independently."""
-    order = sorted(range(len(probs)), key=lambda i: -float(probs[i]))
-    kept, mass = set(), 0.0
-    for i in order:
-        kept.add(i)
-        mass += float(probs[i])
-        if mass >= p:
-            break
-    return kept
-
-
-@pytest.mark.parametrize("p, temperature", [(0.5, 1.0), (0.9, 1.0), (0.95, 0.8), (0.3, 2.0)])
-def test_top_p_never_samples_outside_the_nucleus(p, temperature):
-    torch.manual_seed(0)
-    logits = torch.randn(4, 50) * 3
-    generator = torch.Generator().manual_seed(1)
-    allowed = [nucleus(torch.softmax(row / temperature, -1), p) for row in logits]
-    seen = [set() for _ in logits]
-    for _ in range(5):  # 5 x 200 draws per row: each call samples a batch of 200 copies of every row
-        tokens = sample_top_p(logits.repeat(200, 1), p, temperature, generator)
-        assert tokens.shape == (800, 1)
-        for i, token in enumerate(tokens[:, 0].tolist()):
-            row = i % len(logits)
-            assert token in allowed[row]
-            seen[row].add(token)
-    for row in range(len(logits)):  # it does sample within the nucleus, not just take the argmax
-        assert len(seen[row]) > 1 or len(allowed[row]) == 1
-
-
-def test_top_p_frequencies_follow_the_renormalised_nucleus():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    generator = torch.Generator().manual_seed(0)
-    draws = sample_top_p(logits.expand(4000, -1), 0.8, 1.0, generator)[:, 0]
-    assert set(draws.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.8
-    assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.04
-
-
-def test_top_p_nucleus_stops_as_soon_as_p_is_reached():
-    """The smallest set reaching p: the top token alone holds 0.5, so p = 0.5 samples only it."""
-    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]])).expand(200, -1)
-    draws = sample_top_p(logits, 0.5, 1.0, torch.Generator().manual_seed(0))
-    assert set(draws[:, 0].tolist()) == {0}
-
-
-def test_top_p_near_zero_or_greedy_is_the_argmax():
-    torch.manual_seed(0)
-    logits = torch.randn(8, 100)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(20):
-        assert torch.equal(sample_top_p(logits, 1e-9, 1.0, generator), logits.argmax(-1, keepdim=True))
-    assert torch.equal(sample_top_p(logits, 0.0, 1.0, generator), logits.argmax(-1, keepdim=True))
-    assert torch.equal(sample_top_p(logits, 0.9, 0.0, generator), logits.argmax(-1, keepdim=True))
-    assert sample_top_p(logits[0], 1e-9).shape == (1,)
-    with pytest.raises(ValueError):
-        sample_top_p(logits, 1.5)
-
-
-# ----------------------------------------------------------------------------------------------
 # complete() on a tiny random model with the real tokenizer
 
 
@@ -196,7 +134,9 @@ class ScriptedModel(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.script, self.eos_id, self.steps = list(script), eos_id, 0
 
-    def forward(self, tokens, cache=None):
+    dtype = torch.float32
+
+    def forward(self, tokens, cache=None, **kwargs):
         token = self.script[self.steps] if self.steps < len(self.script) else self.eos_id
         self.steps += 1
         cache.length += tokens.shape[1]
@@ -283,10 +223,10 @@ def test_bad_settings_raise(tokenizer):
 # python run_llama.py --option code_generate
 
 
-def run_cli(cwd, *args, stdin=None):
+def run_cli(cwd, *args, stdin=None, timeout=120):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(ROOT / "run_llama.py"), "--option", "code_generate", *args],
-                          cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=120)
+                          cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=timeout)
 
 
 def test_code_generate_cli(tmp_path, tokenizer):
@@ -340,9 +280,74 @@ def test_code_generate_cli_rejects_undecodable_prompt_bytes(tmp_path):
     assert result.stderr.startswith("error: --prompt: prompt is not valid Unicode text")
 
 
-def test_fit_keeps_bos_when_it_trims_a_long_prompt():
-    from codegen.generate import _fit
+# ----------------------------------------------------------------------------------------------
+# Batched completions, infilling and compiled decoding
 
-    prompt = [1] + list(range(10, 200))
-    ids, n_new = _fit(prompt, 10, 64, bos_id=1)
-    assert len(ids) + n_new <= 64 and ids[0] == 1 and ids[1:] == prompt[len(prompt) - len(ids) + 1:]
+
+def test_complete_all_rows_equal_each_prompt_alone(tokenizer):
+    model = tiny_code_model(seed=4)
+    prompts = [PROMPT, "def f(x):\n", 'class A:\n    """A thing."""\n    def size(self):\n', "import os\n"]
+    batched = complete_all(model, tokenizer, prompts, max_new_tokens=20, batch_size=3)
+    alone = [generate_completions(model, tokenizer, p, max_new_tokens=20)[0] for p in prompts]
+    assert [c.text for c in batched] == [c.text for c in alone]
+    assert [c.stop_reason for c in batched] == [c.stop_reason for c in alone]
+    assert [c.prompt_tokens for c in batched] == [c.prompt_tokens for c in alone]
+
+
+def fim_checkpoint(path, tokenizer, seed=5):
+    """A tiny model with the four FIM sentinels, saved as code training saves best.pt."""
+    import dataclasses
+
+    from codegen.common import CodeTokenizer
+    from codegen.infill import add_fim_sentinels
+
+    model = tiny_code_model(seed=seed)
+    fim_tokenizer = CodeTokenizer(str(asset_path("tokenizer.model")))
+    sentinels = add_fim_sentinels(model, fim_tokenizer)
+    torch.save({"model_args": dataclasses.asdict(model.config), "model": model.state_dict(),
+                "codegen": {"sentinels": sentinels}}, path)
+    return model, fim_tokenizer
+
+
+def test_code_generate_suffix_fills_the_middle(tmp_path, tokenizer):
+    from codegen.infill import infill
+
+    model, fim_tokenizer = fim_checkpoint(tmp_path / "fim.pt", tokenizer)
+    prefix, suffix = 'def area(w, h):\n    """Area."""\n', "    return a\n"
+    expected = infill(model, fim_tokenizer, prefix, suffix, max_new_tokens=12)
+    (tmp_path / "suffix.py").write_text(suffix)
+    tok = str(asset_path("tokenizer.model"))
+    for how in (["--suffix", suffix], ["--suffix_file", "suffix.py"]):
+        result = run_cli(tmp_path, "--pretrained-model-path", "fim.pt", "--tokenizer", tok, "--prompt", prefix,
+                         "--max_new_tokens", "12", *how)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.rstrip("\n") == expected.rstrip("\n")
+    # a model without the sentinels: one clear line, exit 2, nothing on stdout
+    save_stories_pt(tiny_code_model(), tmp_path / "plain.pt")
+    result = run_cli(tmp_path, "--pretrained-model-path", "plain.pt", "--tokenizer", tok, "--prompt", prefix,
+                     "--suffix", suffix)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no FIM sentinels" in lines[0] and "not trained for infilling" in lines[0]
+
+
+def test_compiled_completion_equals_eager(tokenizer, monkeypatch):
+    """compile=True decodes through the fixed-shape step (torch.compile stubbed to the identity here;
+    the real compiler runs in test_code_generate_cli_compile)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    model = tiny_code_model(seed=6)
+    eager = generate_completions(model, tokenizer, PROMPT, n=2, max_new_tokens=24)
+    compiled = generate_completions(model, tokenizer, PROMPT, n=2, max_new_tokens=24, compile=True)
+    assert [c.text for c in compiled] == [c.text for c in eager]
+    batched = complete_all(model, tokenizer, [PROMPT, "def f(x):\n"], max_new_tokens=16, compile=True)
+    assert [c.text for c in batched] == [c.text for c in complete_all(model, tokenizer, [PROMPT, "def f(x):\n"],
+                                                                       max_new_tokens=16)]
+
+
+def test_code_generate_cli_compile(tmp_path, tokenizer):
+    save_stories_pt(tiny_code_model(seed=3), tmp_path / "tiny.pt")
+    tok = str(asset_path("tokenizer.model"))
+    args = ("--pretrained-model-path", "tiny.pt", "--tokenizer", tok, "--prompt", PROMPT, "--max_new_tokens", "16")
+    eager, compiled = run_cli(tmp_path, *args), run_cli(tmp_path, *args, "--compile", timeout=600)
+    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
+    assert compiled.stdout == eager.stdout and eager.stdout.strip()

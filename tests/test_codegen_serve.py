@@ -305,11 +305,11 @@ def test_suffix_reaches_generate_completions(server, monkeypatch):
     assert status == 200 and json.loads(body)["completion"] == "MIDDLE"
     args, kwargs = calls[-1]
     assert args == (server.model, server.tokenizer, "def f(x):\n", 1, 3, 0.5, 0.9)
-    assert kwargs == {"generator": server.generator, "suffix": "    return y\n"}
+    assert kwargs == {"generator": server.generator, "suffix": "    return y\n", "compile": False}
     for suffix in ({}, {"suffix": None}, {"suffix": ""}):
         payload = {"prompt": "def f():", **suffix}
         assert post(server, payload)[0] == 200
-        assert calls[-1][1] == {"generator": server.generator}  # plain completion: called exactly as before
+        assert calls[-1][1] == {"generator": server.generator, "suffix": None, "compile": False}  # plain completion
 
 
 def test_suffix_value_error_is_400_with_its_message(server, monkeypatch):

@@ -1,7 +1,8 @@
-"""Llama.generate: the KV cache changes speed, never tokens. Cached greedy decoding equals the
-readable no-cache reference (use_cache=False) for single prompts, equal-length batches and
-batches padded on either side; plus EOS handling, sampling rules, the sdpa fast path and
-the max_seq_len limits."""
+"""decoding.py, through Llama.generate and directly: the KV cache changes speed, never tokens. Cached
+greedy decoding equals the readable no-cache reference (use_cache=False) for single prompts,
+equal-length batches and batches padded on either side; plus EOS handling and stop rules, the
+samplers, fitting prompts into the context, the CPU layout, the sdpa fast path, fixed-shape
+(compiled) steps and the max_seq_len limits."""
 import shutil
 
 import pytest
@@ -9,7 +10,9 @@ import torch
 
 from conftest import asset_path
 from helpers import lively_model, tiny_model
-from llama import KVCache, attention_mask, left_align, load_pretrained, sample_next
+from decoding import (KVCache, attention_mask, compiled_decoder, decode, decoding_layout, fit_context, keep_last,
+                      left_align, make_sampler, sample_epsilon, sample_top_k, sample_top_p)
+from llama import load_pretrained
 
 VOCAB = 64  # tiny_config's vocab_size
 
@@ -215,7 +218,7 @@ def test_non_causal_model_decodes_by_recomputing_the_window(temperature):
     with torch.no_grad():
         for _ in range(20):  # past max_seq_len: the window slides
             logits, _ = model(expected[:, -16:])
-            expected = torch.cat((expected, sample_next(logits[:, -1], temperature, 0.05, generator)), dim=1)
+            expected = torch.cat((expected, sample_epsilon(logits[:, -1], temperature, 0.05, generator)), dim=1)
     for use_cache, compile in ((True, False), (False, False), (True, True)):
         out = model.generate(idx, 20, temperature, generator=torch.Generator().manual_seed(7),
                              use_cache=use_cache, compile=compile)
@@ -228,7 +231,7 @@ def test_temperature_zero_is_argmax():
     model = lively_model()
     idx = prompts(8, 3, 7)
     logits = torch.randn(5, 100)
-    assert torch.equal(sample_next(logits, 0.0), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_epsilon(logits, 0.0), logits.argmax(-1, keepdim=True))
     with torch.no_grad():
         expected = model(idx)[0][:, -1].argmax(-1)
     assert torch.equal(greedy(model, idx, 1)[:, -1], expected)
@@ -239,7 +242,7 @@ def test_epsilon_sampling_never_emits_tokens_below_epsilon():
     # probabilities 0.30 0.25 0.20 0.15 0.06 | 0.02 0.01 0.005 0.005 (below eps)
     probs = torch.tensor([0.30, 0.25, 0.20, 0.15, 0.06, 0.02, 0.01, 0.005, 0.005])
     logits = probs.log().expand(20000, -1)
-    draws = sample_next(logits, 1.0, eps, generator=torch.Generator().manual_seed(0))
+    draws = sample_epsilon(logits, 1.0, eps, generator=torch.Generator().manual_seed(0))
     assert draws.shape == (20000, 1)
     counts = torch.bincount(draws.flatten(), minlength=9)
     assert counts[5:].sum() == 0  # never below epsilon
@@ -250,23 +253,23 @@ def test_epsilon_sampling_never_emits_tokens_below_epsilon():
 
 def test_epsilon_sampling_applies_after_temperature():
     logits = torch.tensor([[2.0, 1.0, -3.0]]).expand(5000, -1)
-    hot = sample_next(logits, 10.0, 0.2, generator=torch.Generator().manual_seed(0))
+    hot = sample_epsilon(logits, 10.0, 0.2, generator=torch.Generator().manual_seed(0))
     assert set(hot.flatten().tolist()) == {0, 1, 2}  # at T=10 all three are above 0.2
-    cold = sample_next(logits, 0.5, 0.2, generator=torch.Generator().manual_seed(0))
+    cold = sample_epsilon(logits, 0.5, 0.2, generator=torch.Generator().manual_seed(0))
     assert set(cold.flatten().tolist()) == {0}  # at T=0.5 only the top token is
 
 
 @pytest.mark.parametrize("eps", [0.9, 1.0, 5.0])
 def test_epsilon_never_drops_the_most_likely_token(eps):
     logits = torch.randn(1000, 50, generator=torch.Generator().manual_seed(1))
-    draws = sample_next(logits, 1.0, eps, generator=torch.Generator().manual_seed(2))
+    draws = sample_epsilon(logits, 1.0, eps, generator=torch.Generator().manual_seed(2))
     assert torch.equal(draws, logits.argmax(-1, keepdim=True))
 
 
 def test_epsilon_keeps_tokens_exactly_at_epsilon():
     """'Below epsilon' is dropped; a probability equal to epsilon stays."""
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]])).expand(300, -1)
-    draws = sample_next(logits, 1.0, 0.25, generator=torch.Generator().manual_seed(0))
+    draws = sample_epsilon(logits, 1.0, 0.25, generator=torch.Generator().manual_seed(0))
     assert set(draws[:, 0].tolist()) == {0, 1, 2}
 
 
@@ -281,8 +284,8 @@ def test_fixed_generator_seed_gives_identical_samples():
     assert torch.equal(sample(42, use_cache=False), sample(42))
     assert not torch.equal(sample(42), sample(43))
     logits = torch.randn(4, 64)
-    a = sample_next(logits, 0.8, generator=torch.Generator().manual_seed(5))
-    assert torch.equal(a, sample_next(logits, 0.8, generator=torch.Generator().manual_seed(5)))
+    a = sample_epsilon(logits, 0.8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, sample_epsilon(logits, 0.8, generator=torch.Generator().manual_seed(5)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +294,8 @@ def test_fixed_generator_seed_gives_identical_samples():
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_sdpa_matches_readable_attention(n_kv_heads):
-    model = lively_model(n_kv_heads=n_kv_heads)
+    # float64: the two attention paths must agree far below float32's rounding noise
+    model = lively_model(n_kv_heads=n_kv_heads).double()
     rows = [prompts(30, 1, 9)[0], prompts(31, 1, 4)[0], prompts(32, 1, 1)[0]]
     idx, mask = padded_batch(rows, "left")
     tokens = prompts(33, 2, 24)
@@ -304,7 +308,7 @@ def test_sdpa_matches_readable_attention(n_kv_heads):
         fast_tokens = greedy(model, idx, 20, prompt_mask=mask)
         fast_plain = greedy(model, tokens, 20)
         model.set_sdpa(False)
-    torch.testing.assert_close(fast, readable, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, readable, atol=1e-10, rtol=1e-10)
     assert torch.equal(fast_tokens, readable_tokens)
     assert torch.equal(fast_plain, readable_plain)
 
@@ -328,11 +332,11 @@ def test_sdpa_cached_decode_logits_match_readable():
 
 
 # ----------------------------------------------------------------------------------------------
-# Fixed-shape decoding (decode_step), what generate(compile=True) compiles
+# Fixed-shape decoding, what generate(compile=True) compiles
 
 
-def test_decode_step_logits_equal_full_forward():
-    """Through decode_step (new keys written at cache.slot, attention over every slot, masked),
+def test_fixed_shape_step_logits_equal_full_forward():
+    """Through a fixed-shape step (new keys written at cache.slot, attention over every slot, masked),
     each position's logits equal those of one full forward."""
     model = lively_model()
     tokens = prompts(50, 2, 20)
@@ -345,7 +349,8 @@ def test_decode_step_logits_equal_full_forward():
         for t in range(8, 20):
             cache.slot, valid[:, t] = torch.tensor([t]), True
             valid[:, :t] = True
-            steps.append(model.decode_step(tokens[:, t : t + 1], torch.full((2, 1), t), valid, cache))
+            logits, _ = model(tokens[:, t : t + 1], cache=cache, positions=torch.full((2, 1), t), key_valid=valid)
+            steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 8:], atol=1e-5, rtol=1e-5)
 
 
@@ -384,11 +389,11 @@ def test_fixed_shape_decoding_eos_and_sampling(no_compile):
 def test_compiled_decoder_cache_sizes(no_compile):
     """Power-of-two slots (at least 64, at most max_seq_len); the same size is reused."""
     model = tiny_model(max_seq_len=300)
-    slots = [model.compiled_decoder(2, n, "cpu", torch.float32)[1].max_len for n in (1, 64, 65, 200, 257, 300)]
+    slots = [compiled_decoder(model, 2, n, "cpu", torch.float32)[1].max_len for n in (1, 64, 65, 200, 257, 300)]
     assert slots == [64, 64, 128, 256, 300, 300]
-    step, cache = model.compiled_decoder(2, 290, "cpu", torch.float32)
-    assert model.compiled_decoder(2, 299, "cpu", torch.float32)[1] is cache
-    assert model.compiled_decoder(3, 299, "cpu", torch.float32)[1] is not cache
+    step, cache = compiled_decoder(model, 2, 290, "cpu", torch.float32)
+    assert compiled_decoder(model, 2, 299, "cpu", torch.float32)[1] is cache
+    assert compiled_decoder(model, 3, 299, "cpu", torch.float32)[1] is not cache
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
@@ -405,7 +410,7 @@ def test_compiled_decoding_equals_kv_cache():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decoding_equals_kv_cache():
-    """On a GPU, compile=True replays decode_step as CUDA graphs (mode reduce-overhead); the
+    """On a GPU, compile=True replays the fixed-shape step as CUDA graphs (mode reduce-overhead); the
     cache is mutated inside the graph, so a wrong capture would show as different tokens."""
     model = lively_model().to("cuda").set_sdpa(True)
     idx, mask = padded_batch([prompts(59, 1, 4)[0], prompts(60, 1, 9)[0]], "left")
@@ -461,3 +466,169 @@ def test_every_decoding_path_runs_under_bf16_autocast(no_compile, sdpa):
             outs.append(out)
     assert torch.equal(outs[1][:, idx.shape[1]], outs[0][:, idx.shape[1]])
     assert torch.equal(outs[2][:, idx.shape[1]], outs[0][:, idx.shape[1]])
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop's stop rule, samplers, context fitting, the CPU layout
+
+
+def test_decode_stop_rule_freezes_ended_rows_and_ends_the_loop():
+    model = lively_model(5)
+    idx = prompts(70, 3, 4)
+    free = torch.cat(list(decode(model, idx, 12)), dim=1)
+    target = free[1, 3].item()  # row 1 ends at its 4th token
+    ended = []
+
+    def stop(tokens):
+        ended.append(tokens[:, 0].clone())
+        return tokens[:, 0] == target
+
+    steps = torch.cat(list(decode(model, idx, 12, stop=stop)), dim=1)
+    first_end = {row: next((t for t in range(12) if free[row, t] == target), None) for row in range(3)}
+    for row in range(3):
+        end = first_end[row]
+        if end is None:
+            assert torch.equal(steps[row], free[row, : steps.shape[1]])
+        else:  # identical up to the stop token, then that token repeated
+            assert torch.equal(steps[row, : end + 1], free[row, : end + 1])
+            assert (steps[row, end:] == target).all()
+    assert steps.shape[1] == 12 or all(e is not None for e in first_end.values())
+
+
+def test_leaving_the_loop_computes_no_further_step():
+    model = lively_model()
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    for i, _ in enumerate(decode(model, prompts(71, 1, 3), 50)):
+        if i == 2:
+            break
+    assert len(calls) == 3  # the prefill and two one-token steps
+
+
+def test_make_sampler_dispatch():
+    logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(make_sampler(0.0, top_p=0.9)(logits), logits.argmax(-1, keepdim=True))
+
+    def same(sampler, reference):
+        return torch.equal(sampler(logits), reference(logits))
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    assert same(make_sampler(0.7, top_p=0.9, generator=g()), lambda x: sample_top_p(x, 0.9, 0.7, g()))
+    assert same(make_sampler(0.7, top_k=5, generator=g()), lambda x: sample_top_k(x, 5, 0.7, g()))
+    assert same(make_sampler(0.7, epsilon=0.01, generator=g()), lambda x: sample_epsilon(x, 0.7, 0.01, g()))
+    for bad in (dict(temperature=-1.0), dict(temperature=float("nan")), dict(temperature=1.0, epsilon=1.0),
+                dict(temperature=1.0, top_p=0.5, top_k=3)):
+        with pytest.raises(ValueError):
+            make_sampler(**bad)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_top_k_never_samples_outside_the_k_most_likely(k):
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(k))
+    allowed = logits.topk(k, dim=-1).indices
+    generator = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        token = sample_top_k(logits, k, 1.5, generator)
+        assert (allowed == token).any(dim=-1).all()
+        seen.add(token[0, 0].item())
+    assert len(seen) == k  # every one of the k is reachable
+    with pytest.raises(ValueError):
+        sample_top_k(logits, 0)
+
+
+def test_fit_context_and_keep_last():
+    assert fit_context(10, 20, 64) == (10, 20)  # both fit: unchanged
+    assert fit_context(60, 20, 64) == (44, 20)  # the prompt gives way
+    assert fit_context(10, 100, 64) == (10, 54)  # the budget takes what the prompt leaves
+    assert fit_context(60, 100, 64) == (32, 32)  # both too long: half each
+    assert keep_last([1, 5, 6, 7, 8], 3, bos_id=1) == [1, 7, 8]
+    assert keep_last([5, 6, 7, 8], 3, bos_id=1) == [6, 7, 8]
+    assert keep_last([1, 5], 3, bos_id=1) == [1, 5]
+
+
+def test_decoding_layout_keeps_values_parameters_and_optimizer():
+    model = tiny_model()
+    params = dict(model.named_parameters())
+    before = {k: v.detach().clone() for k, v in params.items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    decoding_layout(model)
+    decoding_layout(model)  # twice: no change
+    for name, p in model.named_parameters():
+        assert p is params[name] and torch.equal(p, before[name])
+    widening = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features > m.in_features]
+    assert widening and all(w.stride() == (1, w.shape[0]) for w in widening)
+    assert model.output.weight is model.tok_embeddings.weight
+    tokens = prompts(72, 2, 8)
+    logits, _ = model(tokens, targets=tokens)
+    logits.sum().backward()
+    optimizer.step()  # the optimizer still updates the model's own parameters
+    assert not torch.equal(model.output.weight, before["tok_embeddings.weight"])  # (tied: named once)
+
+
+# ----------------------------------------------------------------------------------------------
+# Nucleus sampling
+
+
+def nucleus(probs: torch.Tensor, p: float) -> set:
+    """The smallest set of most likely tokens whose probability reaches p, computed independently."""
+    order = sorted(range(len(probs)), key=lambda i: -float(probs[i]))
+    kept, mass = set(), 0.0
+    for i in order:
+        kept.add(i)
+        mass += float(probs[i])
+        if mass >= p:
+            break
+    return kept
+
+
+@pytest.mark.parametrize("p, temperature", [(0.5, 1.0), (0.9, 1.0), (0.95, 0.8), (0.3, 2.0)])
+def test_top_p_never_samples_outside_the_nucleus(p, temperature):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    generator = torch.Generator().manual_seed(1)
+    allowed = [nucleus(torch.softmax(row / temperature, -1), p) for row in logits]
+    seen = [set() for _ in logits]
+    for _ in range(5):  # 5 x 200 draws per row: each call samples a batch of 200 copies of every row
+        tokens = sample_top_p(logits.repeat(200, 1), p, temperature, generator)
+        assert tokens.shape == (800, 1)
+        for i, token in enumerate(tokens[:, 0].tolist()):
+            row = i % len(logits)
+            assert token in allowed[row]
+            seen[row].add(token)
+    for row in range(len(logits)):  # it does sample within the nucleus, not just take the argmax
+        assert len(seen[row]) > 1 or len(allowed[row]) == 1
+
+
+def test_top_p_frequencies_follow_the_renormalised_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    generator = torch.Generator().manual_seed(0)
+    draws = sample_top_p(logits.expand(4000, -1), 0.8, 1.0, generator)[:, 0]
+    assert set(draws.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.8
+    assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.04
+
+
+def test_top_p_nucleus_stops_as_soon_as_p_is_reached():
+    """The smallest set reaching p: the top token alone holds 0.5, so p = 0.5 samples only it."""
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]])).expand(200, -1)
+    draws = sample_top_p(logits, 0.5, 1.0, torch.Generator().manual_seed(0))
+    assert set(draws[:, 0].tolist()) == {0}
+
+
+def test_top_p_near_zero_or_greedy_is_the_argmax():
+    torch.manual_seed(0)
+    logits = torch.randn(8, 100)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        assert torch.equal(sample_top_p(logits, 1e-9, 1.0, generator), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_top_p(logits, 0.0, 1.0, generator), logits.argmax(-1, keepdim=True))
+    assert torch.equal(sample_top_p(logits, 0.9, 0.0, generator), logits.argmax(-1, keepdim=True))
+    assert sample_top_p(logits[0], 1e-9).shape == (1,)
+    with pytest.raises(ValueError):
+        sample_top_p(logits, 1.5)
+
+
+def test_fit_keeps_bos_when_it_trims_a_long_prompt():
+    prompt = [1] + list(range(10, 200))
+    room, n_new = fit_context(len(prompt), 10, 64)
+    ids = keep_last(prompt, room, bos_id=1)
+    assert len(ids) + n_new <= 64 and ids[0] == 1 and ids[1:] == prompt[len(prompt) - len(ids) + 1:]
