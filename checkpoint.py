@@ -5,15 +5,21 @@
     save_classifier(model, config, path)           run_llama's fine-tuned classifier (LoRA: adapters + head)
     load_classifier(path) -> classifier            ... and back
     code_metadata(path) -> dict                    the "codegen" entry of a code-training best.pt
+    CodeTrainingState                              a code-training run's progress and what its last.pt /
+                                                   best.pt hold: save_last, load_last + restore, save_best
+    rng_state() / set_rng_state(state)             every RNG a training step uses, for --resume
 
 `from llama import load_pretrained` keeps working (the course's sanity_check.py imports it from there).
 """
 import dataclasses
 import math
+import random
 import struct
 import zipfile
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -244,3 +250,113 @@ def code_metadata(path) -> dict:
         return {}
     meta = _torch_load(Path(path)).get("codegen", {})
     return meta if isinstance(meta, dict) else {}
+
+
+def rng_state() -> dict:
+    """Every random generator a training step draws from (Python, NumPy, torch, CUDA), as tensors and
+    plain values that torch.load(weights_only=True) reads back."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Put back what rng_state() captured."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclasses.dataclass
+class CodeTrainingState:
+    """Where a code-training run (codegen/train.py) stands, and the one definition of what its checkpoints hold.
+
+    last.pt (save_last / load_last, the keys LAST_KEYS): the fields below, except that the snapshot
+    fields are taken from the live model and optimizer when saving (the unmerged state dict, adapters
+    included, and whether the output matrix is tied to the embedding), the RNG states when saving, and
+    best_valid_loss is None while there is none (math.inf here). --resume needs all of it.
+
+    best.pt (save_best, BEST_KEYS): the stories42M.pt format that load_pretrained reads, model_args and
+    the LoRA-merged weights (lora.merged_state_dict), plus "codegen": the metadata dict (sentinel ids,
+    which checkpoint.code_metadata and codegen.common.load_code_model read) with the best step's step,
+    epoch, valid_loss and chrf."""
+
+    settings: dict  # what fixes the trainable model (codegen.model_setup.model_settings)
+    codegen: dict  # checkpoint metadata (codegen.model_setup.codegen_metadata)
+    args: dict = dataclasses.field(default_factory=dict)  # the command line, JSON-able
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch under way (0-based)
+    groups_done: int = 0  # optimizer steps done in it
+    best_valid_loss: float = math.inf
+    best_step: Optional[int] = None
+    best_chrf: Optional[float] = None
+    elapsed: float = 0.0  # training seconds, all invocations together, when last saved
+    last_eval_step: Optional[int] = None
+    epoch_times: dict = dataclasses.field(default_factory=dict)  # {epoch: seconds}
+    # snapshots, filled by load_last and put back by restore(); None in a new run
+    model_args: Optional[dict] = None
+    tied: Optional[bool] = None
+    model: Optional[dict] = None
+    optimizer: Optional[dict] = None
+    rng: Optional[dict] = None
+
+    LAST_KEYS = ("model_args", "tied", "model", "optimizer", "step", "epoch", "groups_done", "best_valid_loss",
+                 "best_step", "best_chrf", "elapsed", "last_eval_step", "epoch_times", "rng", "settings",
+                 "codegen", "args")
+    BEST_KEYS = ("model_args", "model", "codegen")
+
+    def improves(self, valid_loss: float) -> bool:
+        return valid_loss < self.best_valid_loss
+
+    def save_last(self, path, model, optimizer) -> None:
+        """Atomically write last.pt: this state with the model's, the optimizer's and the RNGs' now."""
+        snapshot = {"model_args": dataclasses.asdict(model.config),
+                    "tied": model.output.weight is model.tok_embeddings.weight,
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(), "rng": rng_state()}
+        progress = {"step": self.step, "epoch": self.epoch, "groups_done": self.groups_done,
+                    "best_valid_loss": None if math.isinf(self.best_valid_loss) else self.best_valid_loss,
+                    "best_step": self.best_step, "best_chrf": self.best_chrf, "elapsed": self.elapsed,
+                    "last_eval_step": self.last_eval_step,
+                    "epoch_times": {str(k): v for k, v in self.epoch_times.items()}}
+        saved = {**snapshot, **progress, "settings": self.settings, "codegen": self.codegen, "args": self.args}
+        atomic_save({k: saved[k] for k in self.LAST_KEYS}, path)
+
+    @classmethod
+    def load_last(cls, path) -> "CodeTrainingState":
+        """The state save_last wrote, snapshots included (restore() puts them into a model and optimizer)."""
+        saved = _torch_load(Path(path))
+        missing = [k for k in cls.LAST_KEYS if k not in saved] if isinstance(saved, dict) else list(cls.LAST_KEYS)
+        if missing:
+            raise CheckpointError(f"{path}: not a code-training last.pt (missing {missing}); start a new run "
+                                  "without --resume")
+        fields = {k: saved[k] for k in cls.LAST_KEYS}
+        if fields["best_valid_loss"] is None:
+            fields["best_valid_loss"] = math.inf
+        fields["epoch_times"] = {int(k): v for k, v in fields["epoch_times"].items()}
+        return cls(**fields)
+
+    def restore(self, model, optimizer) -> None:
+        """Load the snapshots into the model (set up as saved: adapters injected) and the optimizer, and set
+        the RNGs; the tensors are then dropped from this state."""
+        model.load_state_dict(self.model, strict=True)
+        optimizer.load_state_dict(self.optimizer)
+        set_rng_state(self.rng)
+        self.model = self.optimizer = None
+
+    def save_best(self, path, model) -> None:
+        """Atomically write best.pt from the model as it is now, the new best: the metadata records this
+        state's step, epoch, best_valid_loss (as valid_loss) and best_chrf (as chrf)."""
+        from lora import merged_state_dict
+
+        meta = {**self.codegen, "step": self.step, "epoch": self.epoch, "valid_loss": self.best_valid_loss,
+                "chrf": self.best_chrf}
+        atomic_save({"model_args": dataclasses.asdict(model.config), "model": merged_state_dict(model),
+                     "codegen": meta}, path)

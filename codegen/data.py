@@ -39,16 +39,14 @@ import io
 import json
 import os
 import random
-import re
 import sys
 import sysconfig
-import tempfile
 import tokenize
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from utils import DataError
+from utils import DataError, atomic_write
 
 try:
     from tqdm import tqdm
@@ -531,21 +529,26 @@ def _split_sizes(n, valid, test):
     return sizes
 
 
-def split_by_file(pairs, valid=0.05, test=0.05, seed=0):
+def split_by_file(pairs, valid=0.05, test=0.05, seed=0, keys=None):
     """{"train": [...], "valid": [...], "test": [...]} with every file_hash in exactly one split.
 
     Files are shuffled (sorted first, so the result depends only on the set of files and seed);
-    pairs keep their input order inside each split."""
+    pairs keep their input order inside each split. `keys`, if given, is the split unit of each
+    pair in order, used instead of its file_hash (for records that carry none)."""
     if valid < 0 or test < 0 or valid + test >= 1:
         raise DataError(f"need 0 <= valid, test and valid + test < 1, got {valid}, {test}")
-    files = sorted({p["file_hash"] for p in pairs})
+    pairs = list(pairs)
+    keys = [p["file_hash"] for p in pairs] if keys is None else list(keys)
+    if len(keys) != len(pairs):
+        raise DataError(f"{len(keys)} keys for {len(pairs)} pairs")
+    files = sorted(set(keys))
     random.Random(seed).shuffle(files)
     n_valid, n_test = _split_sizes(len(files), valid, test)
     which = {f: "test" for f in files[:n_test]}
     which.update({f: "valid" for f in files[n_test:n_test + n_valid]})
     splits = {s: [] for s in SPLITS}
-    for p in pairs:
-        splits[which.get(p["file_hash"], "train")].append(p)
+    for p, key in zip(pairs, keys):
+        splits[which.get(key, "train")].append(p)
     return splits
 
 
@@ -553,19 +556,10 @@ def split_by_file(pairs, valid=0.05, test=0.05, seed=0):
 # io and reporting
 
 def save_jsonl(pairs, path):
-    """Write one JSON object per line to a temp file beside `path`, then os.replace it in."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for p in pairs:
-                f.write(json.dumps(p, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    """One JSON object per line, written atomically (utils.atomic_write: the whole file or the old one)."""
+    atomic_write(path, lambda f: f.writelines((json.dumps(p, ensure_ascii=False) + "\n").encode("utf-8")
+                                              for p in pairs))
+    return Path(path)
 
 
 def load_jsonl(path):

@@ -1,7 +1,11 @@
-"""Tests for codegen/train.py (`run_llama.py --option codegen`): loss masking, batching, the LR schedule,
-LoRA merging, and end-to-end runs on a tiny synthetic checkpoint with ~50 synthetic docstring -> code pairs."""
+"""Tests for codegen/train.py (`run_llama.py --option codegen`): the LR schedule, the training state that
+last.pt / best.pt hold (checkpoint.CodeTrainingState), and end-to-end runs on a tiny synthetic checkpoint
+with ~50 synthetic docstring -> code pairs. The pieces have their own files: test_codegen_examples.py
+(loss masking, hold-out, batching), test_codegen_model_setup.py (LoRA set-up), test_codegen_validation.py,
+test_codegen_trainlog.py."""
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -11,19 +15,21 @@ import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+from checkpoint import CodeTrainingState, code_metadata, rng_state
 from codegen import cli
-from codegen.common import CodeTokenizer, load_code_model
-from codegen.train import (IGNORE, UsageError, collate, has_loss, load_data, loss_sum, lr_at, make_batches,
-                           make_example, merged_state_dict, setup_trainable, trainable_parameters)
+from codegen.common import load_code_model
+from codegen.model_setup import make_optimizer, setup_trainable
+from codegen.train import lr_at
 from config import LlamaConfig
 from conftest import ROOT, asset_path
 from helpers import save_stories_pt
 from llama import Llama, load_pretrained
 from lora import expected_lora_parameters
+from utils import CheckpointError
 
 CONFIG = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=8, max_seq_len=256)
 LOG_FIELDS = ["step", "epoch", "lr", "train_loss", "valid_loss", "chrf", "tokens_per_s", "elapsed"]
@@ -65,11 +71,6 @@ def workdir(tmp_path_factory):
     return work, str(tokenizer)
 
 
-@pytest.fixture
-def tok(workdir):
-    return CodeTokenizer(workdir[1])
-
-
 def common_args(workdir, out, *extra):
     work, tokenizer = workdir
     return ["--option", "codegen", "--pretrained-model-path", str(work / "tiny.pt"), "--tokenizer", tokenizer,
@@ -98,141 +99,7 @@ def read_log(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# loss masking
-
-
-def test_make_example_masks_bos_and_prompt(tok):
-    prompt, code = 'def f(x):\n    """Double x."""\n', "    return 2 * x\n"
-    tokens, targets = make_example(tok, prompt, code)
-    p = tok.encode(prompt, bos=True, eos=False)
-    assert tokens == tok.encode(prompt + code, bos=True, eos=True) and tokens[:len(p)] == p
-    assert targets == [IGNORE] * len(p) + tokens[len(p):]  # the code tokens and EOS are the only targets
-    # the code starts as generation after the prompt sees it: decoding prompt + code tokens gives the
-    # pair back, with the code's indentation intact (encoding the code alone adds a dummy-prefix space)
-    assert tok.decode(tokens) == prompt + code
-    assert tok.decode(p + tokens[len(p):]) == prompt + code
-    assert tok.decode(p + tok.encode(code, bos=False, eos=True)) != prompt + code
-    short_tokens, short_targets = make_example(tok, prompt, code, max_len=len(p) + 2)
-    assert short_tokens == tokens[: len(p) + 2] and short_targets == targets[: len(p) + 2]
-    assert not has_loss(make_example(tok, prompt, code, max_len=len(p)))  # nothing left to learn
-
-
-def test_loss_is_cross_entropy_over_code_tokens_only(tok):
-    torch.manual_seed(0)
-    model = Llama(LlamaConfig(**CONFIG))
-    examples = [make_example(tok, 'def f(x):\n    """Double x."""\n', "    return 2 * x\n"),
-                make_example(tok, "def g():\n", "    pass\n")]
-    tokens, targets = collate(examples, tok.pad_id)
-    assert tokens.shape == targets.shape == (2, max(len(e[0]) for e in examples))
-    short = len(examples[1][0])
-    assert (tokens[1, short:] == tok.pad_id).all() and (targets[1, short:] == IGNORE).all()  # right padding
-    total, count = loss_sum(model, tokens, targets)
-    # by hand: logits at position t predict the token at t + 1, summed over code positions only
-    with torch.no_grad():
-        logits = model(tokens, targets=targets)[0]
-    hand, n = 0.0, 0
-    for row, (toks, tgts) in enumerate(examples):
-        for t in range(len(toks) - 1):
-            if tgts[t + 1] != IGNORE:
-                hand -= torch.log_softmax(logits[row, t].double(), dim=-1)[toks[t + 1]].item()
-                n += 1
-    n_code = sum(len(tok.encode(c, False, True)) for c in ("    return 2 * x\n", "    pass\n"))
-    assert count == n == n_code
-    assert math.isclose(total.item(), hand, rel_tol=1e-5)
-    # padding and batch-mates change nothing: each example alone gives the same sum
-    alone = sum(loss_sum(model, *collate([e], tok.pad_id))[0].item() for e in examples)
-    assert math.isclose(total.item(), alone, rel_tol=1e-5)
-    # and the prompt really is ignored: changing a prompt's targets to real tokens changes the loss
-    unmasked = targets.clone()
-    unmasked[0, 1:3] = tokens[0, 1:3]
-    assert loss_sum(model, tokens, unmasked)[1] == count + 2
-
-
-def test_no_gradient_reaches_the_logits_of_prompt_or_padding_positions(tok):
-    torch.manual_seed(0)
-    model = Llama(LlamaConfig(**CONFIG))
-    examples = [make_example(tok, "def h(a, b):\n", "    return a - b\n"), make_example(tok, "def z():\n", "    pass\n")]
-    tokens, targets = collate(examples, tok.pad_id)
-    captured = []
-
-    def keep_logits(module, inputs, out):
-        out.retain_grad()
-        captured.append(out)
-
-    model.output.register_forward_hook(keep_logits)
-    total, count = loss_sum(model, tokens, targets)
-    (total / count).backward()
-    grad_norm = captured[0].grad.abs().sum(-1)  # (batch, seqlen)
-    scored = torch.zeros_like(targets, dtype=torch.bool)
-    scored[:, :-1] = targets[:, 1:] != IGNORE  # logits at t are scored against targets[t + 1]
-    assert (grad_norm[~scored] == 0).all() and (grad_norm[scored] > 0).all()
-    assert scored.sum() == count
-    mean = F.cross_entropy(captured[0][:, :-1].reshape(-1, 32000), targets[:, 1:].reshape(-1))  # ignore_index=-100
-    assert math.isclose((total / count).item(), mean.item(), rel_tol=1e-5)
-
-
-# ----------------------------------------------------------------------------------------------
-# validation hold-out
-
-
-def held_out_split(tmp_path, pairs, seed=0):
-    """load_data on a train file with no valid.jsonl beside it: (train, valid) pairs."""
-    path = write_jsonl(tmp_path / "only_train.jsonl", pairs)
-    args = argparse.Namespace(train_data=str(path), valid_data=None, seed=seed, valid_limit=None)
-    train, valid, _ = load_data(args, say=lambda *a: None)
-    return train, valid
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_held_out_validation_never_shares_a_source_file_with_training(tmp_path, seed):
-    pairs = [dict(p, path=f"pkg/mod{i % 40}.py") for i, p in enumerate(synthetic_pairs(400))]
-    train, valid = held_out_split(tmp_path, pairs, seed)
-    assert not {p["path"] for p in train} & {p["path"] for p in valid}
-    assert len({p["path"] for p in valid}) == 2  # 5% of 40 files
-    assert sorted(map(json.dumps, train + valid)) == sorted(map(json.dumps, pairs))
-    # codegen.data records carry file_hash, which wins over path
-    hashed = [dict(p, file_hash=f"h{i % 3}", path=f"p{i}.py") for i, p in enumerate(pairs[:60])]
-    train, valid = held_out_split(tmp_path, hashed, seed)
-    assert not {p["file_hash"] for p in train} & {p["file_hash"] for p in valid}
-
-
-def test_held_out_validation_without_file_fields_is_per_pair_and_one_file_is_an_error(tmp_path):
-    bare = [{"prompt": p["prompt"], "code": p["code"]} for p in synthetic_pairs(40)]
-    train, valid = held_out_split(tmp_path, bare)
-    assert (len(train), len(valid)) == (38, 2)
-    with pytest.raises(UsageError, match="from 1 source file"):
-        held_out_split(tmp_path, [dict(p, path="same.py") for p in bare])
-
-
-# ----------------------------------------------------------------------------------------------
-# batching and schedule
-
-
-def test_make_batches_covers_every_example_once_and_buckets_by_length():
-    rng = random.Random(0)
-    lengths = [rng.randint(1, 300) for _ in range(1000)]
-    batches = make_batches(lengths, 8, random.Random(1), chunk_batches=4)
-    flat = [i for b in batches for i in b]
-    assert sorted(flat) == list(range(1000))
-    assert all(len(b) <= 8 for b in batches) and sum(len(b) < 8 for b in batches) <= math.ceil(1000 / 32)
-    padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
-    shuffled = list(range(1000))
-    random.Random(2).shuffle(shuffled)
-    plain = [shuffled[i : i + 8] for i in range(0, 1000, 8)]
-    plain_padding = sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in plain)
-    assert padding < plain_padding / 3  # bucketing removes most of the padding
-    assert batches == make_batches(lengths, 8, random.Random(1), chunk_batches=4)  # seeded
-
-
-def test_make_batches_shuffles_the_batches_of_a_sorted_chunk():
-    """Within one chunk the batches are cut in length order, then shuffled: the epoch does not run
-    shortest-to-longest, and every example still appears exactly once."""
-    lengths = [(7 * i) % 64 + 1 for i in range(64)]  # 64 distinct lengths
-    batches = make_batches(lengths, 4, random.Random(0), chunk_batches=16)  # one chunk of 64
-    assert sorted(i for b in batches for i in b) == list(range(64)) and all(len(b) == 4 for b in batches)
-    spans = [(min(lengths[i] for i in b), max(lengths[i] for i in b)) for b in batches]
-    assert sorted(spans) == [(4 * k + 1, 4 * k + 4) for k in range(16)]  # bucketed by length
-    assert spans != sorted(spans)  # but not in length order
+# schedule
 
 
 def test_lr_schedule_values():
@@ -260,36 +127,125 @@ def test_lr_schedule_values():
 
 
 # ----------------------------------------------------------------------------------------------
-# LoRA: trainable parameters and merged checkpoints
+# the training state: what last.pt and best.pt hold (checkpoint.CodeTrainingState)
 
 
-SETTINGS = dict(mode="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, fim=False)
+LORA_SETTINGS = dict(mode="lora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.1, lora_targets=["compute_query", "w2"],
+                     fim=True)
+SENTINELS = {"<fim_prefix>": 32000, "<fim_suffix>": 32001, "<fim_middle>": 32002, "<fim_end>": 32003}
 
 
-@pytest.mark.parametrize("targets", [["compute_query", "compute_value"], ["compute_key", "compute_output", "w1", "w2", "w3"]])
-def test_lora_trainable_parameters_equal_expected(targets):
-    model = Llama(LlamaConfig(**CONFIG))
-    partial = setup_trainable(model, {**SETTINGS, "lora_targets": targets}, n_words=32000)
-    assert partial == []
-    assert trainable_parameters(model, partial) == expected_lora_parameters(model.config, 4, targets)
+def lora_model(seed, steps):
+    """A tiny LoRA model whose sentinel rows train too (vocab 32004), and its AdamW after `steps` steps."""
+    torch.manual_seed(seed)
+    model = Llama(LlamaConfig(**{**CONFIG, "vocab_size": 32004}))
+    partial = setup_trainable(model, LORA_SETTINGS, n_words=32000)
+    optimizer = make_optimizer(model, partial, argparse.Namespace(lr=1e-2, weight_decay=0.1), torch.device("cpu"))
+    for _ in range(steps):
+        one_step(model, optimizer)
+    return model, optimizer
 
 
-def test_merged_state_dict_loads_into_a_plain_llama_with_the_same_outputs(tmp_path):
-    torch.manual_seed(0)
-    model = Llama(LlamaConfig(**CONFIG)).eval()
-    setup_trainable(model, {**SETTINGS, "lora_targets": ["compute_query", "w2"]}, n_words=32000)
+def one_step(model, optimizer):
+    tokens = torch.arange(18).reshape(2, 9) * 1777 % 32004
+    logits, _ = model(tokens, targets=tokens)
+    logits.float().pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def assert_same(a, b, where="."):
+    """Equal nested dicts / lists / tuples / tensors (same dtype and values) / plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}{k}.")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}{i}.")
+    else:
+        assert a == b, where
+
+
+def draws():
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
+
+
+def test_training_state_round_trips_through_last_pt(tmp_path):
+    """save_last -> load_last gives the same state back, with the model (adapters, sentinel rows), the
+    optimizer and every RNG as they were at saving; restore() puts them into a fresh model and optimizer,
+    which then take the same next step as the originals."""
+    model, optimizer = lora_model(seed=0, steps=2)
+    state = CodeTrainingState(settings=LORA_SETTINGS, codegen={"sentinels": SENTINELS, "base_checkpoint": "base.pt"},
+                              args={"lr": 0.01, "out_dir": "runs/x"}, step=7, epoch=1, groups_done=2,
+                              best_valid_loss=1.25, best_step=4, best_chrf=12.5, elapsed=3.5, last_eval_step=6,
+                              epoch_times={0: 1.5})
+    random.seed(4), np.random.seed(3), torch.manual_seed(5)
+    rng = rng_state()
+    state.save_last(tmp_path / "last.pt", model, optimizer)
+    expected_draws = draws()
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert tuple(saved) == CodeTrainingState.LAST_KEYS and len(saved) == 17
+    assert saved["epoch_times"] == {"0": 1.5} and saved["best_valid_loss"] == 1.25
+
+    loaded = CodeTrainingState.load_last(tmp_path / "last.pt")
+    snapshots = dict.fromkeys(("model_args", "tied", "model", "optimizer", "rng"))
+    assert dataclasses.replace(loaded, **snapshots) == state
+    assert loaded.model_args == dataclasses.asdict(model.config) and loaded.tied is True
+    assert_same(loaded.model, dict(model.state_dict()))
+    assert any(".lora_A" in k for k in loaded.model)  # unmerged: the adapters themselves
+    assert_same(loaded.optimizer, optimizer.state_dict())
+    assert_same(loaded.rng, rng)
+
+    other, other_optimizer = lora_model(seed=1, steps=0)
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    loaded.restore(other, other_optimizer)
+    assert draws() == expected_draws
+    assert loaded.model is None and loaded.optimizer is None  # the tensors are not kept twice
+    assert_same(dict(other.state_dict()), dict(model.state_dict()))
+    assert_same(other_optimizer.state_dict(), optimizer.state_dict())
+    torch.manual_seed(1)
+    one_step(model, optimizer)
+    torch.manual_seed(1)
+    one_step(other, other_optimizer)  # LoRA dropout draws the same masks; AdamW continues from the same moments
+    assert_same(dict(other.state_dict()), dict(model.state_dict()))
+
+
+def test_training_state_without_a_best_yet(tmp_path):
+    """A new run's state: no best (inf; None in last.pt, inf again when read back), so any finite loss improves."""
+    model, optimizer = lora_model(seed=0, steps=0)
+    state = CodeTrainingState(settings=LORA_SETTINGS, codegen={})
+    assert state.best_valid_loss == math.inf and state.improves(1e9) and not state.improves(float("nan"))
+    state.save_last(tmp_path / "last.pt", model, optimizer)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["best_valid_loss"] is None
+    loaded = CodeTrainingState.load_last(tmp_path / "last.pt")
+    assert loaded.best_valid_loss == math.inf and loaded.epoch_times == {} and loaded.step == 0
+
+
+def test_best_pt_is_a_merged_stories42m_checkpoint_with_the_codegen_metadata(tmp_path):
+    """best.pt: model_args + LoRA-merged weights (load_pretrained gives the same outputs) + the "codegen"
+    dict that code_metadata and load_code_model read; load_last refuses it."""
+    model, optimizer = lora_model(seed=0, steps=2)
+    state = CodeTrainingState(settings=LORA_SETTINGS, codegen={"sentinels": SENTINELS, "mode": "lora"}, step=5,
+                              epoch=1, best_valid_loss=2.5, best_step=5, best_chrf=30.0)
+    state.save_best(tmp_path / "best.pt", model)
+    saved = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert tuple(saved) == CodeTrainingState.BEST_KEYS
+    assert not any("lora" in k or ".base." in k for k in saved["model"])
+    assert code_metadata(tmp_path / "best.pt") == {"sentinels": SENTINELS, "mode": "lora", "step": 5, "epoch": 1,
+                                                   "valid_loss": 2.5, "chrf": 30.0}
+    tokens = torch.randint(0, 32004, (2, 11))
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                p.normal_(0, 0.5)  # a non-zero update
-    state = merged_state_dict(model)
-    assert not any("lora" in k or ".base." in k for k in state)
-    assert state["output.weight"] is state["tok_embeddings.weight"]  # tied: one tensor in the file
-    torch.save({"model_args": {**CONFIG, "norm_type": "layernorm"}, "model": state}, tmp_path / "m.pt")
-    plain = load_pretrained(tmp_path / "m.pt").eval()
-    tokens = torch.randint(0, 32000, (2, 11))
-    with torch.no_grad():
-        assert torch.allclose(plain(tokens, targets=tokens)[0], model(tokens, targets=tokens)[0], atol=1e-5)
+        expected = model.eval()(tokens, targets=tokens)[0]
+        assert torch.allclose(load_pretrained(tmp_path / "best.pt").eval()(tokens, targets=tokens)[0], expected,
+                              atol=1e-5)
+    code_model, code_tok = load_code_model(tmp_path / "best.pt", "cpu", str(asset_path("tokenizer.model")))
+    assert code_tok.sentinels == SENTINELS and code_model.vocab_size == 32004
+    with pytest.raises(CheckpointError, match="not a code-training last.pt"):
+        CodeTrainingState.load_last(tmp_path / "best.pt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,6 +326,19 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(workdi
     summary = json.loads((part / "summary.json").read_text())
     assert summary["steps"] == 13 and summary["epochs_completed"] == pytest.approx(1.3)
     assert summary["best_valid_loss"] == json.loads((whole / "summary.json").read_text())["best_valid_loss"]
+
+
+def test_resume_with_larger_batches_moves_on_to_the_next_epoch(workdir):
+    """6 steps of batch 4 into a 10-step epoch, resumed with batch 16: the epoch has only 3 steps then,
+    so it is over; training goes on with the next epoch instead of looping forever."""
+    work, _ = workdir
+    out = work / "resume_bigger"
+    extra = ["--epochs", "4", "--eval_samples", "0"]
+    assert run_cli(common_args(workdir, out, *extra, "--max_steps", "6"))[0] == 0
+    rc, _, stderr = run_cli(common_args(workdir, out, *extra, "--batch_size", "16", "--resume"))
+    assert rc == 0, stderr
+    summary = json.loads((out / "summary.json").read_text())  # 4 epochs of 3 steps now: 12 in all
+    assert summary["steps"] == 12 and summary["epochs_completed"] == pytest.approx(3.0)
 
 
 def test_grad_accum_gives_the_full_batch_gradient(workdir, tmp_path, monkeypatch):
@@ -499,32 +468,3 @@ def test_clear_errors(workdir, tmp_path):
 
     rc, _, err = run_cli(common_args(workdir, tmp_path / "o6", "--resume"))
     assert rc == 2 and "last.pt" in err and "--resume" in err
-
-
-def test_plot_curves_writes_a_png(tmp_path):
-    pytest.importorskip("matplotlib", reason="matplotlib is optional; without it training skips the plot")
-    from codegen.train import plot_curves
-
-    log = tmp_path / "log.csv"
-    log.write_text("step,epoch,lr,train_loss,valid_loss,chrf,tokens_per_s,elapsed\n"
-                   "10,0.1,0.001,5.0,,,100,1\n20,0.2,0.001,4.0,4.5,3.0,100,2\n")
-    png = plot_curves(log, tmp_path / "curves.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_generate_code_keeps_the_prompt_whatever_the_budget(monkeypatch):
-    """A generation budget past the context gets half of it, so prompts keep their tokens (not just BOS)."""
-    from codegen.train import generate_code
-
-    model = Llama(LlamaConfig(**{**CONFIG, "max_seq_len": 64})).eval()
-    tokenizer = CodeTokenizer(str(asset_path("tokenizer.model")))
-    seen = {}
-
-    def fake_generate(idx, max_new_tokens, **kwargs):
-        seen["prompt_len"], seen["max_new_tokens"] = idx.shape[1], max_new_tokens
-        return torch.cat([idx, torch.full((idx.shape[0], max_new_tokens), tokenizer.eos_id)], dim=1)
-
-    monkeypatch.setattr(model, "generate", fake_generate)
-    prompt = "def f(x):\n    " + "x = x + 1\n    " * 40
-    assert generate_code(model, tokenizer, [prompt], max_new_tokens=1000) == [""]
-    assert seen == {"prompt_len": 32, "max_new_tokens": 32}
