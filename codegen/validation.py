@@ -1,0 +1,47 @@
+"""Validation of code fine-tuning (codegen/train.py): the loss on held-out pairs and greedy generations.
+
+    evaluate(model, tokenizer, valid_examples, valid_pairs, args, autocast)
+        -> (validation loss: mean over every code token, chrF of greedy generations or None, generations)
+    generate_code(model, tokenizer, prompts, max_new_tokens, batch_size, autocast)
+        -> greedy completions of the prompts, with code_eval's stop rules
+"""
+import contextlib
+
+import torch
+
+from codegen.examples import collate, loss_sum
+from codegen.generate import complete_all
+from codegen.metrics import chrf
+
+
+def generate_code(model, tokenizer, prompts, max_new_tokens: int = 128, batch_size: int = 8, autocast=None):
+    """Greedy completions of the prompts, decoded and cut exactly as code_eval and code_generate cut
+    theirs (codegen.generate.complete_all: EOS, a sentinel, a new top-level statement, or the budget),
+    so that the chrF logged during training is the chrF code_eval reports (on other pairs)."""
+    with (autocast or contextlib.nullcontext)():
+        return [c.text for c in complete_all(model, tokenizer, prompts, max_new_tokens, batch_size)]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, valid_examples, valid_pairs, args, autocast):
+    """(validation loss: mean over every code token, chrF of greedy generations or None, generations)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(valid_examples)), key=lambda i: len(valid_examples[i][0]))
+    for start in range(0, len(order), args.batch_size):
+        tokens, targets = collate([valid_examples[i] for i in order[start : start + args.batch_size]],
+                                  tokenizer.pad_id)
+        with autocast():
+            s, n = loss_sum(model, tokens.to(model.device), targets.to(model.device))
+        total, count = total + s.item(), count + n
+    valid_loss = total / max(count, 1)
+    score, hyps = None, []
+    if args.eval_samples > 0:
+        pairs = valid_pairs[: args.eval_samples]
+        hyps = generate_code(model, tokenizer, [p["prompt"] for p in pairs], args.eval_max_new_tokens,
+                             max(args.batch_size, 1), autocast)
+        score = chrf(hyps, [p["code"] for p in pairs])
+    model.train(was_training)
+    return valid_loss, score, hyps
+
