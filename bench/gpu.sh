@@ -25,7 +25,7 @@ step() {  # step NAME COMMAND...: run it, tee its output to $OUT/NAME.txt, remem
 }
 
 checks() {
-  step tests python3 -m pytest -q -p no:cacheprovider -rs tests/test_llama.py tests/test_generate.py -k cuda
+  step tests python3 -m pytest -q -p no:cacheprovider -rs tests/test_llama.py tests/test_decoding.py -k cuda
   step decode python3 bench/decode.py --device cuda --json
   # HF transformers against our eager paths (the compiled ones were timed above; compiling again costs minutes)
   step decode_hf python3 bench/decode.py --device cuda --norm_type rmsnorm --batch_sizes 1,32 --reference-tokens 64 \
