@@ -17,7 +17,11 @@ def main(argv) -> int:
     parser.add_argument("-h", "--help", action="store_true")  # answered once the option's flags are in
     parser.add_argument("--option", choices=sorted(OPTIONS), required=True)
     parser.add_argument("--pretrained-model-path", default="stories42M.pt")
-    parser.add_argument("--tokenizer", default=None, help="SentencePiece model (default: tokenizer.model)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a SentencePiece .model, a tokenizer.json or a model folder (default: a Hugging Face "
+                             "folder's own tokenizer, else tokenizer.model)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="the dtype the weights are stored in (default float32; --bf16 is autocast, apart)")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--use_gpu", action="store_true")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,

@@ -1,27 +1,26 @@
 """What the code-generation modules share: loading a model with its tokenizer, and the device."""
-from typing import List, Optional
+from pathlib import Path
+from typing import Optional
+
+import torch
 
 from checkpoint import code_metadata, load_pretrained
 from codegen.fim import SENTINELS
-from tokenizer import Tokenizer
+from codegen.text_tokenizer import SentencePieceTokenizer, load_tokenizer
 from utils import CheckpointError, pick_device, seed_everything
 
-
-class CodeTokenizer(Tokenizer):
-    """The Llama tokenizer plus optional fill-in-the-middle sentinels with ids after the base vocabulary.
-    Sentinels are never produced by encode() of plain text; decode() drops them."""
-
-    def __init__(self, tokenizer_model: Optional[str] = None, sentinels: Optional[dict] = None):
-        super().__init__(None, tokenizer_model)
-        self.sentinels = dict(sentinels or {})  # name -> id, e.g. {"<fim_prefix>": 32000, ...}
-
-    def decode(self, tokens: List[int]) -> str:
-        return super().decode([t for t in tokens if t < self.n_words])
+# The Llama tokenizer (tokenizer.Tokenizer) plus optional fill-in-the-middle sentinels with ids after
+# the base vocabulary: CodeTokenizer(tokenizer_model=None, sentinels=None). Sentinels are never
+# produced by encode() of plain text; decode() drops them. See codegen.text_tokenizer.
+CodeTokenizer = SentencePieceTokenizer
 
 
 def load_code_model(path, device="cpu", tokenizer_model: Optional[str] = None, **overrides):
-    """(model, tokenizer) from a stories42M.pt-format checkpoint or a llama2.c .bin. Checkpoints
-    written by codegen.train carry a "codegen" dict whose "sentinels" maps FIM names to ids.
+    """(model, tokenizer) from any checkpoint load_pretrained reads: stories42M.pt format, llama2.c
+    .bin, a Hugging Face folder. Checkpoints written by codegen.train carry a "codegen" dict whose
+    "sentinels" maps FIM names to ids. tokenizer_model is a SentencePiece .model, a tokenizer.json or
+    a model folder (load_tokenizer); None is a HF folder's own tokenizer, else the default
+    tokenizer.model.
 
     The model is always causal, whatever the checkpoint says: code models predict the next token,
     and a model that attends to later positions would see the token it is asked to predict (a
@@ -31,8 +30,9 @@ def load_code_model(path, device="cpu", tokenizer_model: Optional[str] = None, *
     unknown = set(sentinels) - set(SENTINELS)
     if unknown:
         raise CheckpointError(f"{path}: unknown sentinel tokens {sorted(unknown)}")
-    return model, CodeTokenizer(tokenizer_model, sentinels)
-
+    if tokenizer_model is None and Path(path).is_dir():
+        tokenizer_model = path  # a HF folder brings its own tokenizer
+    return model, load_tokenizer(tokenizer_model, sentinels)
 
 
 def start(args):
@@ -41,5 +41,10 @@ def start(args):
     FileNotFoundError, which codegen.cli reports as one `error:` line with exit status 2."""
     seed_everything(args.seed)
     device = pick_device(args.use_gpu)
-    model, tokenizer = load_code_model(args.pretrained_model_path, device, args.tokenizer)
+    model, tokenizer = load_code_model(args.pretrained_model_path, device, args.tokenizer, dtype=weight_dtype(args))
     return device, model, tokenizer
+
+
+def weight_dtype(args):
+    """--dtype as a torch dtype: what the weights are stored in (None: float32, the default)."""
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[getattr(args, "dtype", "float32")]

@@ -207,8 +207,9 @@ class _Row:
 
 
 def stop_ids_of(tokenizer) -> set:
-    """EOS and every FIM sentinel: a plain completion ends at any of them."""
-    return {tokenizer.eos_id, *(getattr(tokenizer, "sentinels", None) or {}).values()}
+    """Every end-of-text token (Llama 3 has two) and every FIM sentinel: a plain completion ends at any."""
+    ends = getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id}
+    return {*ends, *(getattr(tokenizer, "sentinels", None) or {}).values()}
 
 
 def check_prompt(prompt: str, what: str = "prompt") -> None:
