@@ -1,6 +1,7 @@
 """Every checkpoint format the project reads or writes, in one place; each failure is a CheckpointError.
 
-    load_pretrained(path, **overrides) -> Llama    stories42M.pt (minllama or llama2.c names), llama2.c .bin
+    load_pretrained(path, **overrides) -> Llama    stories42M.pt (minllama or llama2.c names), llama2.c .bin,
+                                                   a Hugging Face Llama folder (load_hf_folder)
     save_llama2c_bin(model, path)                  the .bin that llama2.c's run.c reads
     save_classifier(model, config, path)           run_llama's fine-tuned classifier (LoRA: adapters + head)
     load_classifier(path) -> classifier            ... and back
@@ -12,6 +13,7 @@
 `from llama import load_pretrained` keeps working (the course's sanity_check.py imports it from there).
 """
 import dataclasses
+import json
 import math
 import random
 import struct
@@ -24,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from config import LlamaConfig
+from rope import rope_frequencies
 from utils import CheckpointError, atomic_save, atomic_write
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +45,7 @@ def _rename(key: str) -> str:
     return key
 
 
-def load_state_dict_strict(model, state_dict: dict, source) -> None:
+def load_state_dict_strict(model, state_dict: dict, source, assign: bool = False) -> None:
     """Load weights, raising one CheckpointError that lists every missing, unexpected or
     mis-shaped tensor (the course's strict=False silently kept random weights instead)."""
     state_dict = {_rename(k): v for k, v in state_dict.items() if _rename(k) not in _IGNORED_KEYS}
@@ -59,9 +62,13 @@ def load_state_dict_strict(model, state_dict: dict, source) -> None:
     problems += [f"shape mismatches {mismatched}"] * bool(mismatched)
     if problems:
         raise CheckpointError(f"{source}: checkpoint does not fit the model: " + "; ".join(problems))
-    if not torch.equal(state_dict["output.weight"], state_dict["tok_embeddings.weight"]):
+    tied = state_dict["output.weight"] is state_dict["tok_embeddings.weight"] or torch.equal(
+        state_dict["output.weight"], state_dict["tok_embeddings.weight"])
+    if not tied:
         model.output.weight = nn.Parameter(torch.empty_like(model.output.weight))  # untie
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
+    if tied and assign:  # assign gives each name its own Parameter: share one again
+        model.output.weight = model.tok_embeddings.weight
 
 
 def _torch_load(path: Path):
@@ -155,10 +162,11 @@ def save_llama2c_bin(model, path) -> None:
     any other model is refused rather than exported to compute something else there. The file
     appears whole or not at all (utils.atomic_write)."""
     c = model.config
-    if (c.norm_type, c.norm_eps, c.rope_theta, c.causal) != ("rmsnorm", 1e-5, 10000.0, True):
+    if (c.norm_type, c.norm_eps, c.rope_theta, c.causal, c.rope_scaling) != ("rmsnorm", 1e-5, 10000.0, True, None):
         raise ValueError(f"run.c computes causal attention, RMSNorm (eps 1e-5) and RoPE with base 10000; this "
                          f"model has {'causal' if c.causal else 'non-causal'} attention, {c.norm_type} "
-                         f"(eps {c.norm_eps}), RoPE base {c.rope_theta}: not exportable")
+                         f"(eps {c.norm_eps}), RoPE base {c.rope_theta}"
+                         + (f", RoPE scaling {c.rope_scaling}" if c.rope_scaling else "") + ": not exportable")
     shared = model.output.weight is model.tok_embeddings.weight
     tensors = {**model.state_dict(), "freqs_cos": model.freqs_cos, "freqs_sin": model.freqs_sin}
 
@@ -171,15 +179,20 @@ def save_llama2c_bin(model, path) -> None:
     atomic_write(path, write)
 
 
-def load_pretrained(checkpoint, **overrides):
-    """Build a Llama from a stories42M.pt-style dict (either naming scheme) or a llama2.c .bin.
+def load_pretrained(checkpoint, dtype: Optional[torch.dtype] = None, **overrides):
+    """Build a Llama from a stories42M.pt-style dict (either naming scheme), a llama2.c .bin, or a
+    Hugging Face Llama folder (see load_hf_folder); `dtype` stores the weights in that dtype
+    (default float32).
 
     `overrides` replace config fields, e.g. norm_type="rmsnorm", causal=True or dropout=0.1.
     Defaults follow the format: .pt files get the assignment's LayerNorm (with a bias when the file
-    has `*norm.bias` tensors), .bin files llama2.c's RMSNorm. A plain stories42M.pt (see
-    is_course_checkpoint) is non-causal, as the course's reference computed it; .bin files and
-    everything this project writes are causal (the latter record `causal` in their model_args)."""
+    has `*norm.bias` tensors), .bin files and HF folders RMSNorm. A plain stories42M.pt (see
+    is_course_checkpoint) is non-causal, as the course's reference computed it; .bin files, HF
+    models and everything this project writes are causal (the latter record `causal` in their
+    model_args)."""
     path = Path(checkpoint)
+    if path.is_dir():
+        return load_hf_folder(path, dtype, **overrides)
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} not found: run `bash setup.sh` with network access to download "
@@ -195,6 +208,140 @@ def load_pretrained(checkpoint, **overrides):
 
     model = Llama(config)
     load_state_dict_strict(model, state_dict, path)
+    return model if dtype is None else model.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face Llama folders: config.json + model.safetensors (or shards, or pytorch_model.bin)
+
+_HF_LAYER_NAMES = {"self_attn.q_proj": "attention.compute_query", "self_attn.k_proj": "attention.compute_key",
+                   "self_attn.v_proj": "attention.compute_value", "self_attn.o_proj": "attention.compute_output",
+                   "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+                   "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+                   "post_attention_layernorm": "ffn_norm"}
+_HF_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "output.weight"}
+
+
+def hf_config(folder: Path, overrides: dict) -> LlamaConfig:
+    """Our LlamaConfig from a HF config.json, in either schema: older files put rope_theta and
+    rope_scaling at the top level; transformers 5 writes rope_parameters (rope_theta, rope_type)."""
+    try:
+        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no config.json: not a Hugging Face model folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: not readable JSON ({e})") from None
+    _refuse_unsupported(folder, hf)
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    n_heads = hf["num_attention_heads"]
+    args = dict(dim=hf["hidden_size"], hidden_dim=hf["intermediate_size"], n_layers=hf["num_hidden_layers"],
+                n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads, vocab_size=hf["vocab_size"],
+                max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                norm_type="rmsnorm", rope_theta=float(theta), rope_scaling=None if kind == "default" else rope,
+                causal=True)
+    try:
+        return LlamaConfig.from_model_args(args, **overrides)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from None
+
+
+def _refuse_unsupported(folder: Path, hf: dict) -> None:
+    """One line naming the first field this project's Llama does not compute."""
+    problem = None
+    if hf.get("model_type") != "llama":
+        problem = f"model_type {hf.get('model_type')!r}: only \"llama\" models are supported"
+    elif missing := [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                 "vocab_size") if k not in hf]:
+        problem = f"missing {missing}"
+    elif hf.get("attention_bias") or hf.get("mlp_bias"):
+        problem = "attention_bias / mlp_bias: biased projections are not supported"
+    elif hf.get("hidden_act", "silu") != "silu":
+        problem = f"hidden_act {hf['hidden_act']!r}: only silu (SwiGLU) is supported"
+    elif hf.get("head_dim") not in (None, hf["hidden_size"] // hf["num_attention_heads"]):
+        problem = f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads: not supported"
+    else:
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "linear", "llama3"):
+            problem = f"rope type {kind!r}: supported are default, linear, llama3"
+    if problem:
+        raise CheckpointError(f"{folder / 'config.json'}: {problem}")
+
+
+def _hf_weight_files(folder: Path):
+    """The safetensors (or pytorch_model.bin) files holding a HF folder's weights, shards included."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / index_name).is_file():
+            weight_map = json.loads((folder / index_name).read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+            absent = [f for f in files if not (folder / f).is_file()]
+            if absent:
+                raise CheckpointError(f"{folder}: shard(s) {absent} listed in {index_name} are missing")
+            return [folder / f for f in files]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def _hf_tensors(path: Path):
+    """(name, tensor) of one weight file, one tensor at a time (safetensors: memory-mapped)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open  # only HF folders need it
+
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    else:
+        try:
+            yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+        except Exception as e:  # a corrupt file: many exception types
+            raise CheckpointError(f"{path}: not a readable PyTorch weight file ({type(e).__name__}: {e})") from None
+
+
+def hf_to_ours(name: str, tensor: torch.Tensor, config: LlamaConfig):
+    """Our name (None: not a weight we keep) and tensor for a HF Llama tensor. HF stores the rows of
+    q_proj and k_proj permuted for its rotate-half RoPE (each head's first half of dimensions paired
+    with its second half); ours rotates adjacent pairs, as Meta's and llama2.c's code do, so those
+    rows are permuted back: row i of half h of each head becomes row 2i + h."""
+    if name in _HF_NAMES:
+        return _HF_NAMES[name], tensor
+    parts = name.split(".")  # model.layers.{i}.{module}.{proj}.weight
+    module = ".".join(parts[3:-1])
+    if parts[:2] != ["model", "layers"] or parts[-1] != "weight" or module not in _HF_LAYER_NAMES:
+        return None, tensor
+    heads = {"self_attn.q_proj": config.n_heads, "self_attn.k_proj": config.n_kv_heads}.get(module)
+    if heads is not None and tensor.dim() == 2 and tensor.shape[0] % (2 * heads) == 0:
+        rows, cols = tensor.shape
+        tensor = tensor.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+    return f"layers.{parts[2]}.{_HF_LAYER_NAMES[module]}.weight", tensor
+
+
+def load_hf_folder(folder, dtype: Optional[torch.dtype] = None, **overrides):
+    """A Llama from a local Hugging Face folder (LlamaForCausalLM): config.json and its weights.
+
+    The model is built on the meta device (no memory, no random initialisation) and the weights are
+    streamed in one tensor at a time, renamed, permuted and cast to `dtype` (default float32), so
+    peak memory stays close to the model's own size. HF models are causal."""
+    from llama import Llama
+
+    folder = Path(folder)
+    config = hf_config(folder, overrides)
+    dtype = dtype or torch.float32
+    state = {}
+    for path in _hf_weight_files(folder):
+        for name, tensor in _hf_tensors(path):
+            ours, tensor = hf_to_ours(name, tensor, config)
+            if ours is not None:
+                state[ours] = tensor.to(dtype).contiguous()
+    with torch.device("meta"):
+        model = Llama(config)
+    load_state_dict_strict(model, state, folder, assign=True)
+    cos, sin = rope_frequencies(config.head_dim, config.max_seq_len, config.rope_theta, scaling=config.rope_scaling)
+    model.freqs_cos, model.freqs_sin = cos, sin
     return model
 
 
@@ -246,7 +393,7 @@ def load_classifier(path):
 def code_metadata(path) -> dict:
     """The "codegen" entry (FIM sentinel ids, training settings) of a checkpoint written by code
     training; {} for any other checkpoint."""
-    if Path(path).suffix == ".bin":
+    if Path(path).is_dir() or Path(path).suffix == ".bin":  # a HF folder or a llama2.c file: no codegen entry
         return {}
     meta = _torch_load(Path(path)).get("codegen", {})
     return meta if isinstance(meta, dict) else {}

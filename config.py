@@ -19,6 +19,7 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     norm_type: str = "layernorm"  # the assignment's choice; "rmsnorm" is what Llama 2 was trained with
     rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None  # long-context RoPE (Hugging Face's rope_scaling: "linear", "llama3")
     norm_bias: bool = False  # LayerNorm with a bias (a checkpoint carrying `*norm.bias` tensors)
     # True: a position attends to itself and earlier positions only (next-token prediction: llama2.c,
     # Hugging Face and code models, all this project trains). False: every position attends to every
@@ -50,6 +51,14 @@ class LlamaConfig:
             problems.append(f"head_dim={self.dim // self.n_heads} must be even for RoPE")
         if self.norm_type not in NORM_TYPES:
             problems.append(f"norm_type={self.norm_type!r} is not one of {NORM_TYPES}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            needed = {"default": (), "linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                                       "original_max_position_embeddings")}
+            if kind not in needed:
+                problems.append(f"rope_scaling type {kind!r} is not supported (supported: {', '.join(needed)})")
+            elif any(key not in self.rope_scaling for key in needed[kind]):
+                problems.append(f"rope_scaling {kind!r} needs {', '.join(needed[kind])}")
         if self.norm_bias and self.norm_type != "layernorm":
             problems.append("norm_bias=True needs norm_type='layernorm' (RMSNorm has no bias)")
         if problems:

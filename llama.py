@@ -167,7 +167,7 @@ class Llama(LlamaPreTrainedModel):
         self.norm = make_norm(config)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.tok_embeddings.weight = self.output.weight  # weight tying
-        cos, sin = rope_frequencies(config.head_dim, config.max_seq_len, config.rope_theta)
+        cos, sin = rope_frequencies(config.head_dim, config.max_seq_len, config.rope_theta, scaling=config.rope_scaling)
         self.register_buffer("freqs_cos", cos, persistent=False)
         self.register_buffer("freqs_sin", sin, persistent=False)
         self.init_weights()

@@ -224,9 +224,19 @@ def check_vocab(llama, tokenizer, path):
                               "trained with this tokenizer (e.g. stories42M.pt)")
 
 
+def generation_tokenizer(args):
+    """The course's tokenizer, or a Hugging Face folder's own (SentencePiece or tokenizer.json)."""
+    if Path(args.pretrained_model_path).is_dir():
+        from codegen.text_tokenizer import load_tokenizer  # only HF folders need it
+
+        return load_tokenizer(args.pretrained_model_path)
+    return Tokenizer(args.max_sentence_len)
+
+
 def generate_sentences(args, device):
-    tokenizer = Tokenizer(args.max_sentence_len)
-    llama = load_pretrained(args.pretrained_model_path, **model_overrides(args))
+    tokenizer = generation_tokenizer(args)
+    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    llama = load_pretrained(args.pretrained_model_path, dtype=dtype, **model_overrides(args))
     check_vocab(llama, tokenizer, args.pretrained_model_path)
     llama = prepare(llama, args, device).eval()
     prompt = torch.tensor([tokenizer.encode(GENERATE_PROMPT, bos=True, eos=False)], device=device)
@@ -347,10 +357,15 @@ def get_args(argv=None):
     parser.add_argument("--sdpa", action=argparse.BooleanOptionalAction, default=None,
                         help="fused attention kernel (default: on for GPU, off for CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="--option generate: the dtype the weights are stored in (default float32)")
     args = parser.parse_args(argv)
     for name, (valid, rule) in VALUE_RULES.items():
         if not valid(getattr(args, name)):
             parser.error(f"--{name} must be {rule}, got {getattr(args, name)}")
+    if args.dtype != "float32" and args.option != "generate":
+        parser.error(f"--dtype {args.dtype} applies to --option generate (and the code options); the classifiers "
+                     "train and evaluate in float32 (use --bf16 for bf16 autocast)")
     args.filepath = args.filepath or f"{args.option}-{args.epochs}-{args.lr}.pt"
     return args
 

@@ -18,10 +18,10 @@ PYTHON="${PYTHON:-python3}"
 if [ "${SKIP_PIP:-0}" != 1 ]; then
   # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options
   "$PYTHON" -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
-  # requirements.txt: the course's packages (all a submission folder has). requirements-dev.txt (tests)
-  # exists only in the full project.
+  # requirements.txt: the course's packages (all a submission folder has). requirements-extra.txt (what
+  # Hugging Face folders and exports need) and requirements-dev.txt (tests) exist only in the full project.
   extra=()
-  [ -f requirements-dev.txt ] && extra=(-r requirements-dev.txt)
+  for f in requirements-extra.txt requirements-dev.txt; do [ -f "$f" ] && extra+=(-r "$f"); done
   grep -v '^torch' requirements.txt | "$PYTHON" -m pip install -q -r /dev/stdin "${extra[@]}"
   # bubblewrap isolates generated code in codegen's sandbox; without it the sandbox falls back to rlimits.
   if [ -d codegen ] && ! command -v bwrap >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

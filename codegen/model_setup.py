@@ -11,7 +11,7 @@
 import torch
 import torch.nn as nn
 
-from codegen.common import CodeTokenizer, load_code_model
+from codegen.common import CodeTokenizer, load_code_model, weight_dtype
 from codegen.infill import add_fim_sentinels
 from config import LlamaConfig
 from llama import Llama
@@ -102,7 +102,7 @@ def model_settings(args) -> dict:
 def fresh_model(args, device, say):
     """The pretrained model (--pretrained-model-path) and tokenizer, with the FIM sentinels added if
     --fim_rate > 0 and the checkpoint has none yet."""
-    model, tokenizer = load_code_model(args.pretrained_model_path, "cpu", args.tokenizer)
+    model, tokenizer = load_code_model(args.pretrained_model_path, "cpu", args.tokenizer, dtype=weight_dtype(args))
     if model.config.max_seq_len < args.max_len:
         raise UsageError(f"{args.pretrained_model_path}: the model's max_seq_len={model.config.max_seq_len} is "
                          f"smaller than --max_len={args.max_len}; pass --max_len {model.config.max_seq_len} or less")
