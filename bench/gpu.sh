@@ -31,6 +31,8 @@ checks() {
   step decode_hf python3 bench/decode.py --device cuda --norm_type rmsnorm --batch_sizes 1,32 --reference-tokens 64 \
     --no-compile --json
   step train python3 bench/train.py --device cuda --json
+  # a Hugging Face folder in the Llama-3.2-1B shape: load, decode beside transformers, a LoRA step
+  step hf python3 bench/hf.py --device cuda --folder "$OUT/llama1b" --json
 }
 
 codegen() {

@@ -158,11 +158,12 @@ class Completion:
 class _Row:
     """Decoding state of one completion: its new tokens, its text so far and where it stops."""
 
-    def __init__(self, tokenizer, prompt: str, prompt_ids: List[int], stop_top_level: bool, anchored: bool = True):
+    def __init__(self, tokenizer, prompt: str, prompt_ids: List[int], stop_top_level: bool,
+                 anchor: Optional[List[int]] = None):
         self.tokenizer, self.prompt_ids = tokenizer, prompt_ids
         # a few prompt tokens decoded with the new ones, so that the first new token's leading space
-        # survives decode (SentencePiece drops it at the start of a text); infills decode alone
-        self.anchor = prompt_ids[-_ANCHOR_TOKENS:] if anchored else []
+        # survives decode (SentencePiece drops it at the start of a text); infills: fim_prompt's anchor
+        self.anchor = prompt_ids[-_ANCHOR_TOKENS:] if anchor is None else anchor
         self.anchor_text = tokenizer.decode(self.anchor)
         self.new: List[int] = []
         self.scanner = _TopLevelScanner(prompt) if stop_top_level else None
@@ -280,9 +281,9 @@ def generate_completions(model, tokenizer, prompt: str, n: int = 1, max_new_toke
         from codegen.infill import fim_prompt
 
         check_prompt(suffix, "suffix")
-        ids, max_new_tokens, stop_ids = fim_prompt(tokenizer, prompt, suffix, max_new_tokens, max_seq_len,
-                                                   model.config.vocab_size)
-        rows = [_Row(tokenizer, "", ids, stop_top_level=False, anchored=False) for _ in range(n)]
+        ids, max_new_tokens, stop_ids, anchor = fim_prompt(tokenizer, prompt, suffix, max_new_tokens, max_seq_len,
+                                                           model.config.vocab_size)
+        rows = [_Row(tokenizer, "", ids, stop_top_level=False, anchor=anchor) for _ in range(n)]
     else:
         ids = tokenizer.encode(prompt, bos=True, eos=False)
         room, max_new_tokens = fit_context(len(ids), max_new_tokens, max_seq_len)

@@ -107,17 +107,31 @@ def cut_at_stop(ids: List[int], stop_ids) -> List[int]:
     return list(ids)
 
 
+_MARK = "☺"  # a character SentencePiece keeps whole: encode(_MARK + s) = encode(_MARK) + s's own pieces
+
+
 def fim_prompt(tokenizer, prefix: str, suffix: str, max_new_tokens: int, max_seq_len: int, vocab_size: int):
-    """(ids of BOS [PRE] prefix [SUF] suffix [MID], max_new_tokens, stop ids {<fim_end>, </s>}).
+    """(ids of BOS [PRE] prefix [SUF] suffix [MID], max_new_tokens, stop ids {<fim_end>, </s>}, the
+    anchor to decode the middle after).
 
     When the prompt and max_new_tokens do not fit the context, decoding.fit_context shares it out
     (generation gets at most half, or all that is left) and the prefix loses its oldest tokens, the
-    suffix its last ones: the text nearest the hole is kept."""
+    suffix its last ones: the text nearest the hole is kept.
+
+    Our sentinels were trained on parts encoded on their own (SentencePiece's dummy-prefix space
+    included, so decode(encode(middle)) == middle): the middle decodes alone (anchor []). Code
+    Llama's own infilling pieces were trained, as its reference code does it, on a suffix encoded
+    without that implicit space and a middle decoded with its leading space kept: both go through
+    the _MARK character."""
     sentinels = sentinels_of(tokenizer)
     if max(sentinels.values()) >= vocab_size:
         raise ValueError(f"sentinel ids {sentinels} are outside the model's vocabulary ({vocab_size})")
+    native = getattr(tokenizer, "infill_tokens", lambda: None)() == sentinels  # Code Llama's pieces
+    mark = tokenizer.encode(_MARK, bos=False, eos=False) if native else []
     pre_ids = tokenizer.encode(prefix, bos=False, eos=False) if prefix else []
-    suf_ids = tokenizer.encode(suffix, bos=False, eos=False) if suffix else []
+    suf_ids = tokenizer.encode(_MARK + suffix if native else suffix, bos=False, eos=False) if suffix else []
+    if native and suf_ids[: len(mark)] == mark:
+        suf_ids = suf_ids[len(mark):]
     n_fixed = 4  # BOS [PRE] [SUF] [MID]
     room, max_new_tokens = fit_context(n_fixed + len(pre_ids) + len(suf_ids), max_new_tokens, max_seq_len)
     budget = room - n_fixed  # for prefix + suffix tokens
@@ -127,7 +141,7 @@ def fim_prompt(tokenizer, prefix: str, suffix: str, max_new_tokens: int, max_seq
         suf_ids = suf_ids[:keep_suf]  # the suffix's start and the prefix's end are nearest the hole
         pre_ids = pre_ids[len(pre_ids) - keep_pre:] if keep_pre > 0 else []
     ids = [tokenizer.bos_id] + psm_ids(pre_ids, [], suf_ids, sentinels)[:-1]
-    return ids, max(max_new_tokens, 0), {sentinels[FIM_END], tokenizer.eos_id}
+    return ids, max(max_new_tokens, 0), {sentinels[FIM_END], tokenizer.eos_id}, mark
 
 
 def infill(model, tokenizer, prefix: str, suffix: str, max_new_tokens: int = 128, temperature: float = 0.0,

@@ -149,3 +149,19 @@ def test_runc_prints_the_same_text_as_mini_llama():
                            "--tiny", "--json"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert all(r["same_text"] == "yes" for r in json.loads(proc.stdout.strip().splitlines()[-1])["results"])
+
+
+def test_hf_bench_tiny_json(tmp_path):
+    """bench/hf.py at a tiny shape: it writes a HF folder, loads it, decodes beside transformers (same
+    tokens) and takes LoRA steps, each phase in its own process."""
+    pytest.importorskip("transformers", reason="bench/hf.py compares with transformers")
+    pytest.importorskip("safetensors", reason="bench/hf.py writes safetensors")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "hf.py"), "--shape", "tiny", "--folder",
+                           str(tmp_path / "m"), "--json", "--threads", "1", "--steps", "1", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["load"]["parameters"] == 106816 and result["load"]["peak_bytes"] > 0
+    assert result["decode"]["same_tokens"] is True and result["decode"]["ours_tok_s"] > 0
+    assert result["lora_step"]["trainable_parameters"] == 2 * 16 * ((64 + 64) + 2 * (64 + 32) + (64 + 64))  # q,k,v,o
+    assert result["full_finetune_need_bytes"] == 16 * 106816

@@ -256,3 +256,24 @@ def test_overfit_one_psm_example_then_infill_reproduces_its_middle(tok):
         optimizer.zero_grad()
     assert (total / count).item() < 0.1
     assert infill(model, tok, PREFIX, SUFFIX, max_new_tokens=32) == MIDDLE
+
+
+def test_code_llama_pieces_get_code_llamas_spacing(tmp_path):
+    """With Code Llama's own infilling pieces, the suffix is encoded without SentencePiece's implicit
+    leading space (as Code Llama was trained); with our sentinels, as our training encodes it."""
+    from codegen.infill import fim_prompt
+    from codegen.text_tokenizer import load_tokenizer
+    from test_codegen_text_tokenizer import tiny_sentencepiece
+
+    tok = load_tokenizer(tiny_sentencepiece(tmp_path / "tokenizer.model"))
+    sentinels = tok.infill_tokens()
+    ids, _, stops, anchor = fim_prompt(tok, "def f(x):\n", "    return x\n", 8, 256, tok.n_words)
+    suffix_ids = ids[ids.index(sentinels[FIM_SUFFIX]) + 1 : -1]
+    pieces = "".join(tok.sp_model.id_to_piece(i) for i in suffix_ids).replace("▁", " ")
+    assert pieces.startswith("    return") and not pieces.startswith("     ")  # four spaces, not five
+    assert tok.decode(anchor + suffix_ids)[len(tok.decode(anchor)):] == "    return x\n"
+    assert stops == {sentinels[FIM_END], tok.eos_id}
+    ours = CodeTokenizer(str(asset_path("tokenizer.model")), {FIM_PREFIX: 32000, FIM_SUFFIX: 32001,
+                                                             FIM_MIDDLE: 32002, FIM_END: 32003})
+    ids, _, _, anchor = fim_prompt(ours, "def f(x):\n", "    return x\n", 8, 256, 32004)
+    assert anchor == [] and ids[ids.index(32001) + 1 : -1] == ours.encode("    return x\n", False, False)
