@@ -15,6 +15,7 @@ Typical use:
     mark_only_lora_trainable(model, extra=("classifier_head",))
     ... train ...
     torch.save(lora_state_dict(model), "adapter.pt")   # kilobytes instead of the whole model
+    unload_lora(model)                                  # or fold the update in: a plain model again
 """
 import math
 
@@ -125,6 +126,19 @@ def merge_lora(model: nn.Module):
 def unmerge_lora(model: nn.Module):
     for layer in lora_layers(model):
         layer.unmerge()
+
+
+@torch.no_grad()
+def unload_lora(model: nn.Module) -> None:
+    """Fold every LoRA update into its base weight and put the plain nn.Linear back in place of each
+    LoRALayer: the model computes the same at no extra cost, and is a plain model again (its weights
+    trainable, as a freshly loaded model's)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALayer):
+            module.merge()
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr,
+                    module.base.requires_grad_(True))
 
 
 def mark_only_lora_trainable(model: nn.Module, extra=()):

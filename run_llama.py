@@ -4,12 +4,14 @@
     python run_llama.py --option prompt   --batch_size 10 --train data/sst-train.txt ... --dev_out sst-dev-prompting-output.txt ...
     python run_llama.py --option finetune --epochs 5 --lr 2e-5 --batch_size 80 ...
     python run_llama.py --option lora     --epochs 5 --lr 2e-5 --batch_size 80 --lora_rank 4 --lora_alpha 1.0 ...
+    python run_llama.py --option export   --pretrained-model-path SRC --format {hf,peft,gguf,llama2c} --out DEST
 
 Data lines are `label ||| sentence`; label-name files are JSON lists. Every output file has one
 `predicted_label ||| sentence` line per input line, in input order.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -236,7 +238,7 @@ def generation_tokenizer(args):
 def generate_sentences(args, device):
     tokenizer = generation_tokenizer(args)
     dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    llama = load_pretrained(args.pretrained_model_path, dtype=dtype, **model_overrides(args))
+    llama = load_pretrained(args.pretrained_model_path, dtype=dtype, adapter=args.adapter, **model_overrides(args))
     check_vocab(llama, tokenizer, args.pretrained_model_path)
     llama = prepare(llama, args, device).eval()
     prompt = torch.tensor([tokenizer.encode(GENERATE_PROMPT, bos=True, eos=False)], device=device)
@@ -326,10 +328,11 @@ def get_args(argv=None):
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--option", type=str, default="generate",
-                        choices=("generate", "prompt", "finetune", "lora", *CODEGEN_OPTIONS),
+                        choices=("generate", "prompt", "finetune", "lora", *CODEGEN_OPTIONS, "export"),
                         help="generate: continue a prompt; prompt: zero-shot classification; "
                              "finetune: train every weight; lora: train LoRA adapters; "
-                             "codegen, code_eval, code_generate, serve: code generation (see codegen/cli.py)")
+                             "codegen, code_eval, code_generate, serve: code generation (see codegen/cli.py); "
+                             "export: the model in another tool's format (--option export --help)")
     parser.add_argument("--use_gpu", action="store_true")
     parser.add_argument("--generated_sentence_low_temp_out", type=str, default="generated-sentence-temp-0.txt")
     parser.add_argument("--generated_sentence_high_temp_out", type=str, default="generated-sentence-temp-1.txt")
@@ -359,6 +362,9 @@ def get_args(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="--option generate: the dtype the weights are stored in (default float32)")
+    parser.add_argument("--adapter", default=None,
+                        help="--option generate: a LoRA adapter applied to the model (a PEFT folder, or a LoRA code "
+                             "training's best_adapter.pt)")
     args = parser.parse_args(argv)
     for name, (valid, rule) in VALUE_RULES.items():
         if not valid(getattr(args, name)):
@@ -366,6 +372,8 @@ def get_args(argv=None):
     if args.dtype != "float32" and args.option != "generate":
         parser.error(f"--dtype {args.dtype} applies to --option generate (and the code options); the classifiers "
                      "train and evaluate in float32 (use --bf16 for bf16 autocast)")
+    if args.adapter is not None and args.option != "generate":
+        parser.error(f"--adapter applies to --option generate (and the code options), not --option {args.option}")
     args.filepath = args.filepath or f"{args.option}-{args.epochs}-{args.lr}.pt"
     return args
 
@@ -391,12 +399,123 @@ def check_output_names(args):
             print(f"warning: --{split}_out {out} does not follow <dataset>-{split}-{kind}-output.txt", file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------------------------
+# --option export: the model in another tool's format (checkpoint.py writes each)
+
+EXPORT_FORMATS = ("hf", "peft", "gguf", "llama2c")
+EXPORT_HELP = """Write SRC (any checkpoint --pretrained-model-path takes, with --adapter folded in) as
+  hf       a Hugging Face LlamaForCausalLM folder (config.json, model.safetensors, tokenizer files)
+  peft     the LoRA adapter alone, as a PEFT folder: --adapter DIR_OR_FILE, or SRC a LoRA code training's
+           best.pt, whose best_adapter.pt beside it is used; it applies to the hf export of the base
+  gguf     one GGUF file for llama.cpp (--gguf_type; SentencePiece tokenizers)
+  llama2c  the .bin file llama2.c's run.c reads
+Models must be causal with RMSNorm (hf, gguf, llama2c). Nothing is replaced: --out must not exist (or be an
+empty folder) unless --overwrite; what is written appears whole or not at all."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose bad flags raise UsageError: one `error:` line and exit 2, not the usage text."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def export_args(argv):
+    from checkpoint import GGUF_TYPES
+
+    parser = _OneLineParser(prog="run_llama.py --option export", description=EXPORT_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--option", choices=("export",), required=True)
+    parser.add_argument("--pretrained-model-path", default="stories42M.pt", help="SRC (default stories42M.pt)")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, required=True)
+    parser.add_argument("--out", required=True, help="the folder (hf, peft) or file (gguf, llama2c) to write")
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter: a PEFT folder, or a best_adapter.pt")
+    parser.add_argument("--tokenizer", default=None, help="default: a HF folder's own, else tokenizer.model")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="hf / peft: the dtype of the written tensors; gguf: the default --gguf_type")
+    parser.add_argument("--gguf_type", choices=GGUF_TYPES, default=None,
+                        help="gguf: tensor type of the matrices (vectors stay f32); default from --dtype")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    if args.gguf_type is not None and args.format != "gguf":
+        raise UsageError(f"--gguf_type applies to --format gguf, not --format {args.format}")
+    if args.format == "llama2c" and args.dtype != "float32":
+        raise UsageError(f"--dtype {args.dtype}: a llama2.c .bin holds float32 only")
+    return args
+
+
+def export_tokenizer(args, vocab_size: int):
+    """The tokenizer in use (--tokenizer, a HF folder's own, else the default tokenizer.model) with the
+    checkpoint's FIM sentinels, and where it was read from (its files are copied into a HF export)."""
+    from checkpoint import code_metadata
+    from codegen.text_tokenizer import load_tokenizer
+    from tokenizer import TOKENIZER_MODEL
+
+    src = Path(args.pretrained_model_path)
+    source = args.tokenizer or (src if src.is_dir() else None) or os.environ.get("MINILLAMA_TOKENIZER") or TOKENIZER_MODEL
+    tokenizer = load_tokenizer(source, code_metadata(src).get("sentinels") or None)
+    if tokenizer.n_words > vocab_size:
+        raise UsageError(f"{source}: the tokenizer has {tokenizer.n_words} pieces, more than the model's {vocab_size} "
+                         "embedding rows: pass the model's own --tokenizer")
+    return tokenizer, Path(source)
+
+
+def export_peft(args, dtype) -> None:
+    """The adapter (--adapter, or the best_adapter.pt beside a LoRA code training's best.pt) as a PEFT folder."""
+    from checkpoint import code_metadata, load_config, read_adapter, save_peft_adapter, training_adapter_path
+
+    src = Path(args.pretrained_model_path)
+    path = Path(args.adapter) if args.adapter else training_adapter_path(src)
+    if args.adapter is None and not path.is_file():
+        raise UsageError(f"--format peft: no --adapter, and no {path.name} beside {src} (a LoRA code training writes "
+                         "one beside its best.pt)")
+    config = load_config(src)
+    adapter = read_adapter(path, config)
+    best_step = None if args.adapter else code_metadata(src).get("step")
+    if best_step is not None and adapter.step != best_step:
+        raise CheckpointError(f"{path}: adapters of step {adapter.step}, but {src} is step {best_step} (an interrupted "
+                              "save?): pass the matching --adapter")
+    save_peft_adapter(adapter, config, args.out, dtype, args.overwrite)
+
+
+def export(args) -> None:
+    from checkpoint import check_exportable, check_out_path, save_gguf, save_hf_folder, save_llama2c_bin
+
+    check_out_path(args.out, args.format in ("hf", "peft"), args.overwrite)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.format == "peft":
+        return export_peft(args, dtype)
+    model = load_pretrained(args.pretrained_model_path, adapter=args.adapter).eval()
+    if args.format == "llama2c":
+        return save_llama2c_bin(model, args.out)
+    check_exportable(model.config, args.format)
+    tokenizer, source = export_tokenizer(args, model.config.vocab_size)
+    if args.format == "hf":
+        return save_hf_folder(model, args.out, tokenizer, source, dtype, args.overwrite)
+    gguf_type = args.gguf_type or {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[args.dtype]
+    return save_gguf(model, args.out, tokenizer, gguf_type, args.overwrite)
+
+
+def export_main(argv) -> int:
+    """--option export: every problem is one `error:` line and exit status 2, with nothing written."""
+    try:
+        args = export_args(argv)
+        export(args)
+    except (ValueError, FileNotFoundError) as e:  # UsageError, CheckpointError, save_llama2c_bin's refusals
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({args.format})")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if requested_option(argv) in CODEGEN_OPTIONS:  # code generation has its own flags: see codegen/cli.py
         from codegen.cli import main as codegen_main
 
         return codegen_main(argv)
+    if requested_option(argv) == "export":
+        return export_main(argv)
     args = get_args(argv)
     seed_everything(args.seed)
     started = time.time()

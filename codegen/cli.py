@@ -20,6 +20,9 @@ def main(argv) -> int:
     parser.add_argument("--tokenizer", default=None,
                         help="a SentencePiece .model, a tokenizer.json or a model folder (default: a Hugging Face "
                              "folder's own tokenizer, else tokenizer.model)")
+    parser.add_argument("--adapter", default=None,
+                        help="a LoRA adapter folded into the model: a PEFT folder, or a LoRA code training's "
+                             "best_adapter.pt (onto its base checkpoint)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="the dtype the weights are stored in (default float32; --bf16 is autocast, apart)")
     parser.add_argument("--seed", type=int, default=1337)

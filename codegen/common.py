@@ -15,17 +15,18 @@ from utils import CheckpointError, pick_device, seed_everything
 CodeTokenizer = SentencePieceTokenizer
 
 
-def load_code_model(path, device="cpu", tokenizer_model: Optional[str] = None, **overrides):
+def load_code_model(path, device="cpu", tokenizer_model: Optional[str] = None, adapter=None, **overrides):
     """(model, tokenizer) from any checkpoint load_pretrained reads: stories42M.pt format, llama2.c
-    .bin, a Hugging Face folder. Checkpoints written by codegen.train carry a "codegen" dict whose
-    "sentinels" maps FIM names to ids. tokenizer_model is a SentencePiece .model, a tokenizer.json or
-    a model folder (load_tokenizer); None is a HF folder's own tokenizer, else the default
-    tokenizer.model.
+    .bin, a Hugging Face folder, with a LoRA adapter folded in if given (a PEFT folder or a
+    best_adapter.pt: checkpoint.read_adapter). Checkpoints written by codegen.train carry a "codegen"
+    dict whose "sentinels" maps FIM names to ids. tokenizer_model is a SentencePiece .model, a
+    tokenizer.json or a model folder (load_tokenizer); None is a HF folder's own tokenizer, else the
+    default tokenizer.model.
 
     The model is always causal, whatever the checkpoint says: code models predict the next token,
     and a model that attends to later positions would see the token it is asked to predict (a
     plain stories42M.pt is otherwise loaded non-causal, as the course's classifiers use it)."""
-    model = load_pretrained(path, **{**overrides, "causal": True}).to(device).eval()
+    model = load_pretrained(path, adapter=adapter, **{**overrides, "causal": True}).to(device).eval()
     sentinels = code_metadata(path).get("sentinels", {})
     unknown = set(sentinels) - set(SENTINELS)
     if unknown:
@@ -41,7 +42,8 @@ def start(args):
     FileNotFoundError, which codegen.cli reports as one `error:` line with exit status 2."""
     seed_everything(args.seed)
     device = pick_device(args.use_gpu)
-    model, tokenizer = load_code_model(args.pretrained_model_path, device, args.tokenizer, dtype=weight_dtype(args))
+    model, tokenizer = load_code_model(args.pretrained_model_path, device, args.tokenizer, getattr(args, "adapter", None),
+                                       dtype=weight_dtype(args))
     return device, model, tokenizer
 
 

@@ -8,10 +8,13 @@
     make_optimizer(model, partial, args, device)
     codegen_metadata(...)                the "codegen" dict of best.pt / last.pt (sentinels, settings)
 """
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
-from codegen.common import CodeTokenizer, load_code_model, weight_dtype
+from codegen.common import load_code_model, weight_dtype
+from codegen.text_tokenizer import load_tokenizer
 from codegen.infill import add_fim_sentinels
 from config import LlamaConfig
 from llama import Llama
@@ -84,10 +87,12 @@ def parameter_counts(model, partial, settings: dict) -> dict:
 
 
 def codegen_metadata(settings: dict, tokenizer, n_trainable: int, base_checkpoint, fim_rate: float,
-                     max_len: int) -> dict:
-    """The "codegen" entry of the checkpoints: the sentinel ids (what load_code_model reads) and how it trained."""
+                     max_len: int, base_adapter=None) -> dict:
+    """The "codegen" entry of the checkpoints: the sentinel ids (what load_code_model reads) and how it
+    trained: from which base (and the adapter folded into it, if any)."""
     return {"sentinels": dict(tokenizer.sentinels), "mode": settings["mode"], "trainable_parameters": n_trainable,
-            "base_checkpoint": str(base_checkpoint), "fim_rate": float(fim_rate), "max_len": max_len,
+            "base_checkpoint": str(base_checkpoint), "base_adapter": base_adapter, "fim_rate": float(fim_rate),
+            "max_len": max_len,
             "lora": {k: settings[k] for k in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")}
             if settings["mode"] == "lora" else None}
 
@@ -100,9 +105,10 @@ def model_settings(args) -> dict:
 
 
 def fresh_model(args, device, say):
-    """The pretrained model (--pretrained-model-path) and tokenizer, with the FIM sentinels added if
-    --fim_rate > 0 and the checkpoint has none yet."""
-    model, tokenizer = load_code_model(args.pretrained_model_path, "cpu", args.tokenizer, dtype=weight_dtype(args))
+    """The pretrained model (--pretrained-model-path, with --adapter folded in if given) and tokenizer,
+    with the FIM sentinels added if --fim_rate > 0 and the checkpoint has none yet."""
+    model, tokenizer = load_code_model(args.pretrained_model_path, "cpu", args.tokenizer, getattr(args, "adapter", None),
+                                       dtype=weight_dtype(args))
     if model.config.max_seq_len < args.max_len:
         raise UsageError(f"{args.pretrained_model_path}: the model's max_seq_len={model.config.max_seq_len} is "
                          f"smaller than --max_len={args.max_len}; pass --max_len {model.config.max_seq_len} or less")
@@ -122,7 +128,9 @@ def resumed_model(state, args, device):
     model = Llama(config)
     if not state.tied:
         model.output.weight = nn.Parameter(torch.empty_like(model.output.weight))
-    tokenizer = CodeTokenizer(args.tokenizer, state.codegen["sentinels"])
+    base = Path(state.codegen.get("base_checkpoint") or "")
+    source = args.tokenizer or (base if base.is_dir() else None)  # a HF base folder brings its own tokenizer
+    tokenizer = load_tokenizer(source, state.codegen["sentinels"])
     if config.max_seq_len < args.max_len:
         raise UsageError(f"last.pt: the model's max_seq_len={config.max_seq_len} is smaller than "
                          f"--max_len={args.max_len}; pass --max_len {config.max_seq_len} or less")

@@ -21,7 +21,9 @@ optimizer.py, warm-up then cosine / linear / constant learning rate, gradient cl
 
 Outputs in --out_dir: log.csv (step, epoch, lr, train_loss, valid_loss, chrf, tokens_per_s, elapsed),
 best.pt (lowest validation loss; stories42M.pt format with LoRA merged, plus a "codegen" dict with the
-sentinel ids, so load_pretrained / codegen.common.load_code_model read it), last.pt (everything
+sentinel ids, so load_pretrained / codegen.common.load_code_model read it; a LoRA run also writes its
+unmerged adapters beside it, best_adapter.pt, which `--option export --format peft` turns into a PEFT
+adapter of the base), last.pt (everything
 --resume needs: unmerged model / adapters, optimizer, step, epoch, RNG states), summary.json and
 curves.png (if matplotlib is installed).
 
@@ -329,12 +331,12 @@ def setup_training(args, state: CodeTrainingState, model, tokenizer, device) -> 
     optimizer = make_optimizer(model, partial, args, device)
     counts = {**parameter_counts(model, partial, state.settings), "partial": bool(partial)}
     fim_rate = args.fim_rate if state.settings["fim"] else 0.0
-    base_checkpoint = args.pretrained_model_path
+    base_checkpoint, base_adapter = args.pretrained_model_path, getattr(args, "adapter", None)
     if args.resume:
         state.restore(model, optimizer)
-        base_checkpoint = state.codegen["base_checkpoint"]
+        base_checkpoint, base_adapter = state.codegen["base_checkpoint"], state.codegen.get("base_adapter")
     state.codegen = codegen_metadata(state.settings, tokenizer, counts["trainable"], base_checkpoint, fim_rate,
-                                     args.max_len)
+                                     args.max_len, None if base_adapter is None else str(base_adapter))
     state.args = _jsonable(vars(args))
     return optimizer, counts, fim_rate
 
