@@ -55,6 +55,34 @@ def _rename(key: str) -> str:
     return key
 
 
+MAX_POSITIONS = 1 << 20  # max_seq_len beyond this is refused: the RoPE tables alone would take gigabytes
+
+
+def check_declared_sizes(config: LlamaConfig, state_dict: dict, source) -> None:
+    """Hold a checkpoint's declared sizes against the tensors it really holds before any model is built,
+    so that a small forged file cannot make us allocate (or build) a huge model: every value must be a
+    tensor, the layers present must be exactly 0..n_layers-1, the parameters the config declares may
+    not outnumber those present more than twice over, and max_seq_len is at most MAX_POSITIONS. (Small
+    discrepancies are listed, all together, by load_state_dict_strict once the model is built.)"""
+    not_tensors = [f"{k} ({type(v).__name__})" for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{source}: not tensors: {not_tensors[:5]}: not a model checkpoint")
+    names = [_rename(str(k)) for k in state_dict]
+    layers = {int(n.split(".")[1]) for n in names if n.startswith("layers.") and n.split(".")[1].isdigit()}
+    if layers != set(range(config.n_layers)):
+        raise CheckpointError(f"{source}: declares n_layers={config.n_layers} but holds tensors for "
+                              f"{len(layers)} layer(s): not the checkpoint its config describes")
+    if config.max_seq_len > MAX_POSITIONS:
+        raise CheckpointError(f"{source}: max_seq_len={config.max_seq_len} is beyond the {MAX_POSITIONS} positions "
+                              "this project supports; pass a smaller max_seq_len override")
+    c, kv_dim = config, config.n_kv_heads * config.head_dim
+    declared = c.vocab_size * c.dim + c.n_layers * (2 * c.dim * c.dim + 2 * kv_dim * c.dim + 3 * c.hidden_dim * c.dim)
+    present = sum(v.numel() for v in state_dict.values())
+    if declared > 2 * present:
+        raise CheckpointError(f"{source}: its config declares {declared:,} parameters but the file holds {present:,}: "
+                              "not the checkpoint its config describes")
+
+
 def load_state_dict_strict(model, state_dict: dict, source, assign: bool = False) -> None:
     """Load weights, raising one CheckpointError that lists every missing, unexpected or
     mis-shaped tensor (the course's strict=False silently kept random weights instead)."""
@@ -133,11 +161,11 @@ def _load_llama2c_bin(path: Path, overrides: dict):
                  vocab_size=abs(vocab_size), max_seq_len=max_seq_len, norm_type="rmsnorm"), **overrides)
     except (ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path}: header is not a llama2.c checkpoint ({e})") from None
-    layout = _llama2c_layout(config, shared)
-    expected = _BIN_HEADER.size + 4 * sum(math.prod(shape) for _, shape in layout)
+    expected = _llama2c_bytes(config, shared)  # arithmetic only: a forged header allocates nothing
     if len(data) != expected:
         raise CheckpointError(f"{path}: {len(data)} bytes, but a llama2.c checkpoint with this header has "
                               f"{expected} (truncated, or not a llama2.c .bin file)")
+    layout = _llama2c_layout(config, shared)
     flat = torch.frombuffer(bytearray(data[_BIN_HEADER.size :]), dtype=torch.float32)
     state_dict, offset = {}, 0
     for name, shape in layout:
@@ -147,6 +175,15 @@ def _load_llama2c_bin(path: Path, overrides: dict):
     for name in _IGNORED_KEYS:
         state_dict.pop(name)
     return config, state_dict
+
+
+def _llama2c_bytes(config: LlamaConfig, shared: bool) -> int:
+    """The length of a llama2.c .bin with this header, computed from the sizes alone (the layout below,
+    summed), so that a header declaring billions of layers is refused before anything is built."""
+    c, kv_dim = config, config.n_kv_heads * config.head_dim
+    per_layer = 2 * c.dim + 2 * c.dim * c.dim + 2 * kv_dim * c.dim + 3 * c.hidden_dim * c.dim
+    floats = c.vocab_size * c.dim * (1 if shared else 2) + c.n_layers * per_layer + c.dim + c.max_seq_len * c.head_dim
+    return _BIN_HEADER.size + 4 * floats
 
 
 def _llama2c_layout(config: LlamaConfig, shared: bool):
@@ -217,6 +254,7 @@ def load_pretrained(checkpoint, dtype: Optional[torch.dtype] = None, adapter=Non
     is_torch = zipfile.is_zipfile(path) or head == b"\x80\x02\x8a\x0a"
     load = _load_torch_checkpoint if is_torch or path.suffix == ".pt" else _load_llama2c_bin
     config, state_dict = load(path, overrides)
+    check_declared_sizes(config, state_dict, path)
     from llama import Llama  # here, not at the top: llama.py re-exports this function
 
     model = Llama(config)
@@ -391,6 +429,7 @@ def load_hf_folder(folder, dtype: Optional[torch.dtype] = None, **overrides):
             ours, tensor = hf_to_ours(name, tensor, config)
             if ours is not None:
                 state[ours] = tensor.to(dtype).contiguous()
+    check_declared_sizes(config, state, folder)
     with torch.device("meta"):
         model = Llama(config)
     load_state_dict_strict(model, state, folder, assign=True)

@@ -62,7 +62,7 @@ def read_text(path, what) -> str:
     except OSError as e:
         raise DataError(f"{path}: cannot read the {what} ({e.strerror}); pass the path of a file") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of the text
     except UnicodeDecodeError as e:
         lineno = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {data[e.start]:#04x}); "

@@ -45,19 +45,47 @@ def seed_everything(seed: int) -> None:
 
 def atomic_write(path, write) -> None:
     """Call write(file_object) on a temporary file beside `path`, then rename it over `path`:
-    readers see the old file or the complete new one, never half of it."""
+    readers see the old file or the complete new one, never half of it. The file gets the usual
+    permissions (0666 less the umask, as open() would give), and temporary files that a killed
+    writer of the same path left behind are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file there
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Remove `.NAME.PID.*.tmp` files beside path whose writing process no longer exists."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def atomic_save(obj, path) -> None:

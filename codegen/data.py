@@ -239,7 +239,7 @@ def iter_jsonl(path):
     with opener(path, "rb") as f:  # bytes, decoded line by line, so a decoding error knows its line
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is not data
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line); "
                                 "re-encode the file as UTF-8") from None

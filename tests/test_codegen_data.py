@@ -476,3 +476,11 @@ def test_stdlib_sanity():
     assert not any("site-packages" in p["path"] or "/test/" in f"/{p['path']}" for p in pairs)
     for p in pairs[::50]:
         ast.parse(p["prompt"] + p["code"])
+
+
+def test_jsonl_with_a_byte_order_mark(tmp_path):
+    from codegen.data import iter_jsonl
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "p", "code": "c"}\n{"prompt": "\xef\xbb\xbfq", "code": "d"}\n')
+    assert [obj for _, obj in iter_jsonl(path)] == [{"prompt": "p", "code": "c"}, {"prompt": "\ufeffq", "code": "d"}]

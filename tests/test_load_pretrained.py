@@ -202,3 +202,34 @@ def test_layernorm_biases_load(tmp_path):
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-4)
     with pytest.raises(CheckpointError, match="norm_bias=True needs norm_type='layernorm'"):
         load_pretrained(tmp_path / "m.pt", norm_type="rmsnorm")
+
+
+@pytest.mark.parametrize("header", [(64, 172, 2**31 - 1, 8, 4, 512, 512), (64, 172, 5, 8, 4, 512, 2**31 - 1),
+                                    (2**30, 172, 5, 8, 4, 512, 512)])
+def test_forged_bin_headers_are_refused_before_allocating(tmp_path, header):
+    """A 28-byte .bin declaring 2^31-1 layers, positions or a huge dim: refused from arithmetic alone."""
+    import struct
+    import time
+
+    (tmp_path / "forged.bin").write_bytes(struct.pack("7i", *header))
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match="28 bytes, but a llama2.c checkpoint with this header has"):
+        load_pretrained(tmp_path / "forged.bin")
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize("args, model, message", [
+    (dict(n_layers=10**6), {"layers.0.attention_norm.weight": torch.zeros(32)}, "declares n_layers=1000000"),
+    (dict(max_seq_len=2**31 - 1), {"layers.0.x": torch.zeros(32)}, "max_seq_len=2147483647 is beyond"),
+    (dict(dim=2**20), {"layers.0.x": torch.zeros(32)}, "declares 13,194,223,419,392 parameters"),
+    (dict(), {"layers.0.x": "not a tensor"}, "not tensors: ['layers.0.x (str)']"),
+])
+def test_forged_pt_sizes_are_refused_before_building(tmp_path, args, model, message):
+    import time
+
+    model_args = {**dict(dim=32, n_layers=1, n_heads=4, vocab_size=64, multiple_of=8, max_seq_len=64), **args}
+    torch.save({"model_args": model_args, "model": model}, tmp_path / "forged.pt")
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match="forged.pt") as err:
+        load_pretrained(tmp_path / "forged.pt")
+    assert message in str(err.value) and time.perf_counter() - started < 1.0

@@ -69,6 +69,8 @@ def test_each_line_is_one_example_and_a_final_newline_is_fine(tmp_path):
     assert read_data(write(tmp_path, "1 ||| a\r\n0 ||| b"), 2) == [(1, "a"), (0, "b")]
     # only "\n" ends a line: a form feed inside a sentence stays in it
     assert read_data(write(tmp_path, "1 ||| a\x0cb\n"), 2) == [(1, "a\x0cb")]
+    # a UTF-8 byte-order mark (as Windows editors write) is not part of the first label
+    assert read_data(write(tmp_path, b"\xef\xbb\xbf3 ||| a\n1 ||| b\n"), 5) == [(3, "a"), (1, "b")]
 
 
 @pytest.mark.parametrize("content,message", [
