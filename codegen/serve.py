@@ -1,6 +1,7 @@
 """A local web page for code completion with a Mini-Llama. Standard library http.server only.
 
     python run_llama.py --option serve --pretrained-model-path code.pt [--port 8000] [--host 127.0.0.1]
+        [--allow-remote] [--allowed-hosts h1,h2]
 
     GET  /          one self-contained HTML page: prompt, optional suffix, max tokens, temperature,
                     top_p, Generate
@@ -8,8 +9,10 @@
                     -> 200 {completion, tokens, seconds, max_new_tokens, stop_reason}
                     a non-empty suffix asks for infilling: the completion is the middle between
                     prompt and suffix (needs a model with fill-in-the-middle sentinels, else 400)
-                    errors: 400 bad JSON or field, 411 no Content-Length, 413 body over the limit,
-                    415 not application/json, 500 generation failed; always a JSON {"error": ...}
+                    errors: 400 bad JSON or field (a number out of range too), 403 foreign Host or
+                    Origin, 408 request not sent within the read deadline, 411 no Content-Length,
+                    413 body over the limit, 415 not application/json, 500 generation failed;
+                    always a JSON {"error": ...}
     GET  /health    {"ok": true}
 
 The page lives in codegen/static/: index.html (with {{name}} placeholders), page.js and page.css,
@@ -17,26 +20,33 @@ read when the server starts (make_server). Script and style are inlined into the
 Content-Security-Policy allows exactly them by sha256 hash of the files' contents; no file is
 served from disk, so there is no path to traverse.
 
-The server binds to loopback only unless --allow-remote is given (there is no authentication), and
-then also rejects requests whose Host header is not a loopback name (DNS rebinding). Requests are
-bounded in size (--max_request_bytes) and generation length (--max_new_tokens_limit); one lock
-serialises access to the model, so concurrent requests queue.
+The server binds to loopback only unless --allow-remote is given (there is no authentication). Every
+request's Host header (at most one; several are 400) must name an accepted host, with the server's
+port or none, else 403 (DNS rebinding): for a loopback bind, the bound host, localhost, 127.0.0.1
+and [::1]; for a non-loopback bind, only the bound address. --allowed-hosts h1,h2 adds names. An
+Origin header, when present, must be http://<accepted host> with the server's port, else 403 (a
+cross-site page's requests). Reading a request (headers and body) must finish within
+read_deadline_s (10 s) of its start, else 408; an idle keep-alive connection is closed then.
+Requests are bounded in size (--max_request_bytes) and generation length (--max_new_tokens_limit);
+every numeric field is range-checked (400); one lock serialises access to the model, so concurrent
+requests queue (the listen backlog is 128).
 """
 import base64
 import hashlib
 import html
+import io
 import ipaddress
 import json
-import math
 import re
 import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -46,6 +56,10 @@ from utils import UsageError
 DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 MAX_DRAIN_BYTES = 1 << 20  # an oversized body up to this size is read and dropped, so the client sees the 413
 FIELDS = ("prompt", "max_new_tokens", "temperature", "top_p", "suffix")
+MAX_NEW_TOKENS_FIELD = 10 ** 6  # a larger max_new_tokens is a 400 (a smaller one is clamped to the server's limit)
+MIN_TEMPERATURE = 1e-3  # temperature is 0 (greedy) or in [MIN_TEMPERATURE, 100]: smaller overflows the softmax
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+READ_DEADLINE_S = 10.0  # the whole request (request line, headers, body) must arrive within this
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 # The page's files: a fixed list, read at server start. Nothing else on disk is ever read or served.
@@ -105,21 +119,50 @@ def is_loopback_host(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
 
 
-def _host_header_is_loopback(value: Optional[str]) -> bool:
-    if not value:
-        return True  # HTTP/1.0 clients may send none
-    value = value.strip()
-    if value.startswith("["):  # [::1]:8000
-        name = value[1:value.find("]")] if "]" in value else value
-    else:
-        name = value.rsplit(":", 1)[0] if value.count(":") == 1 else value
-    name = name.lower().rstrip(".")
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+_HOST_NAME = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")
+_HOST_VALUE = re.compile(r"(\[[0-9a-f:.]+\]|[a-z0-9_-]+(?:\.[a-z0-9_-]+)*)(?::([0-9]{1,5}))?")
+
+
+def _host_name(host: str) -> str:
+    """`host` as a Host header names it: lower-case, an IPv6 literal compressed and in brackets."""
+    name = host.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    if ":" in name:  # only an IPv6 literal may hold a colon (no port here)
+        return f"[{ipaddress.IPv6Address(name).compressed}]"
+    if not _HOST_NAME.fullmatch(name):
+        raise ValueError(f"{host!r} is not a host name or address")
+    return name
+
+
+def accepted_hosts(bind_host: str, allowed_hosts: Iterable[str] = ()) -> frozenset:
+    """The host names a request's Host (and Origin) may name: the bound host, plus localhost,
+    127.0.0.1 and [::1] for a loopback bind, plus `allowed_hosts`. ValueError for a bad name."""
+    names = {_host_name(bind_host)} | {_host_name(h) for h in allowed_hosts if h.strip()}
+    if is_loopback_host(bind_host):
+        names.update(LOOPBACK_NAMES)
+    return frozenset(names)
+
+
+def split_host(value: str) -> Optional[Tuple[str, Optional[int]]]:
+    """(name, port or None) of a Host header value (name lower-case), or None when malformed."""
+    match = _HOST_VALUE.fullmatch((value or "").strip().lower())
+    if not match:
+        return None
+    return match.group(1), (int(match.group(2)) if match.group(2) else None)
+
+
+def host_allowed(value: str, accepted: frozenset, port: int) -> bool:
+    """A Host header naming exactly an accepted host, with `port` or no port."""
+    parts = split_host(value)
+    return parts is not None and parts[0] in accepted and parts[1] in (None, port)
+
+
+def origin_allowed(value: str, accepted: frozenset, port: int) -> bool:
+    """An Origin header `http://<accepted host>[:port]` whose port (80 when absent) is `port`."""
+    value = (value or "").strip().lower()
+    parts = split_host(value[len("http://"):]) if value.startswith("http://") else None
+    return parts is not None and parts[0] in accepted and (parts[1] or 80) == port
 
 
 class RequestError(Exception):
@@ -132,8 +175,10 @@ def parse_request(body: bytes, limit: int, default_tokens: int) -> dict:
     """The validated generation settings of a /generate body; raises RequestError(400, ...)."""
     try:
         data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise RequestError(400, f"body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, an integer over 4300 digits, deep nesting
+        raise RequestError(400, f"body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise RequestError(400, "body must be a JSON object")
     unknown = sorted(set(data) - set(FIELDS))
@@ -146,27 +191,37 @@ def parse_request(body: bytes, limit: int, default_tokens: int) -> dict:
         check_prompt(prompt)
     except ValueError as e:
         raise RequestError(400, str(e)) from None
-    max_new_tokens = data.get("max_new_tokens", default_tokens)
-    if max_new_tokens is None:
-        max_new_tokens = default_tokens
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise RequestError(400, "max_new_tokens must be an integer >= 1")
-    temperature = data.get("temperature", 0.0)
-    if temperature is None:
-        temperature = 0.0
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or not 0 <= temperature <= 100:
-        raise RequestError(400, "temperature must be a number in [0, 100]")
-    top_p = data.get("top_p")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not math.isfinite(top_p) or not 0 <= top_p <= 1):
-        raise RequestError(400, "top_p must be null or a number in [0, 1]")
+    max_new_tokens, temperature, top_p = _parse_numbers(data, default_tokens)
     settings = {"prompt": prompt, "max_new_tokens": min(max_new_tokens, limit), "temperature": float(temperature),
                 "top_p": None if top_p is None else float(top_p)}
     suffix = _parse_suffix(data.get("suffix"))
     if suffix:
         settings["suffix"] = suffix  # present only for infilling: absent, null or "" is a plain completion
     return settings
+
+
+def _is_number(value, low, high, integer: bool = False) -> bool:
+    """`value` is a JSON number (an int if `integer`; not a bool) in [low, high]. No float() conversion,
+    so a huge int is simply out of range; NaN and infinities fail the comparison."""
+    kinds = int if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and low <= value <= high
+
+
+def _parse_numbers(data: dict, default_tokens: int) -> Tuple[int, float, Optional[float]]:
+    """(max_new_tokens, temperature, top_p), each range-checked; RequestError(400, ...) if not."""
+    max_new_tokens = data.get("max_new_tokens")
+    max_new_tokens = default_tokens if max_new_tokens is None else max_new_tokens
+    if not _is_number(max_new_tokens, 1, MAX_NEW_TOKENS_FIELD, integer=True):
+        raise RequestError(400, f"max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS_FIELD}] "
+                                "(larger than the server's limit is clamped to it)")
+    temperature = data.get("temperature")
+    temperature = 0.0 if temperature is None else temperature
+    if not (_is_number(temperature, 0, 0) or _is_number(temperature, MIN_TEMPERATURE, 100)):
+        raise RequestError(400, f"temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE}, 100]")
+    top_p = data.get("top_p")
+    if top_p is not None and not _is_number(top_p, 0, 1):
+        raise RequestError(400, "top_p must be null or a number in [0, 1]")
+    return max_new_tokens, float(temperature), None if top_p is None else float(top_p)
 
 
 def _parse_suffix(suffix) -> str:
@@ -181,12 +236,77 @@ def _parse_suffix(suffix) -> str:
     return suffix
 
 
+class ReadDeadlineExceeded(Exception):
+    """The client took longer than the read deadline to send its request (not a TimeoutError, so
+    http.server does not swallow it: the handler answers 408)."""
+
+
+class DeadlineReader(io.RawIOBase):
+    """A socket's read side whose reads fail with ReadDeadlineExceeded once `deadline` (a
+    time.monotonic() value, or None for none) has passed: a trickling client cannot stretch one
+    request past it, however often each recv returns a byte."""
+
+    def __init__(self, sock: socket.socket):
+        super().__init__()
+        self.sock, self.deadline, self.received = sock, None, 0
+
+    def start(self, seconds: float):
+        self.deadline, self.received = time.monotonic() + seconds, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise ReadDeadlineExceeded()
+            self.sock.settimeout(left)
+        try:
+            count = self.sock.recv_into(buffer)
+        except socket.timeout:
+            if self.deadline is not None:
+                raise ReadDeadlineExceeded() from None
+            raise
+        self.received += count
+        return count
+
+
 class CodeRequestHandler(BaseHTTPRequestHandler):
     server_version = "MiniLlamaCode/1.0"
-    timeout = 30  # seconds a client may take to send its request (a stalled one does not hold a thread forever)
+    timeout = 30  # socket timeout for writes, and for reads while no read deadline runs
+
+    # -- reading: one deadline for the whole request
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # replaced by a reader that enforces the read deadline
+        self.reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self):
+        self.command, self.request_version, self.requestline = None, "HTTP/1.1", ""  # until parsed
+        self.reader.start(self.server.read_deadline_s)
+        try:
+            super().handle_one_request()
+        except ReadDeadlineExceeded:
+            self.close_connection = True
+            if self.reader.received and not self._responded():  # an idle keep-alive connection just closes
+                try:
+                    self._error(408, f"request not received within {self.server.read_deadline_s:g} s")
+                    self.wfile.flush()
+                except OSError:
+                    pass
+
+    def _responded(self) -> bool:
+        return self.reader.deadline is None  # _send stops the deadline
+
+    def _stop_read_deadline(self):
+        self.reader.deadline = None
+        self.connection.settimeout(self.timeout)
 
     # -- responses
     def _send(self, status: int, body: bytes, content_type: str, extra_headers=()):
+        self._stop_read_deadline()  # the request has been read (or given up on): writes get the plain timeout
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -209,9 +329,20 @@ class CodeRequestHandler(BaseHTTPRequestHandler):
             super().log_message(format, *args)
 
     def _host_ok(self) -> bool:
-        if self.server.allow_remote or _host_header_is_loopback(self.headers.get("Host")):
+        """One Host header naming an accepted host (or none: HTTP/1.0), and no foreign Origin."""
+        hosts, origins = self.headers.get_all("Host") or [], self.headers.get_all("Origin") or []
+        port, accepted = self.server.server_address[1], self.server.accepted_hosts
+        if len(hosts) > 1 or len(origins) > 1:
+            status, message = 400, "more than one Host or Origin header"
+        elif hosts and not host_allowed(hosts[0], accepted, port):
+            status, message = 403, (f"Host {hosts[0][:100]!r} is not a name this server answers to "
+                                    "(DNS rebinding?); see --allowed-hosts")
+        elif origins and not origin_allowed(origins[0], accepted, port):
+            status, message = 403, f"Origin {origins[0][:100]!r} is not this server's page (cross-site request)"
+        else:
             return True
-        self._error(403, "Host header is not a loopback name (this server only answers local pages)")
+        self._drain_and_close()
+        self._error(status, message)
         return False
 
     # -- routes
@@ -312,7 +443,7 @@ class CodeRequestHandler(BaseHTTPRequestHandler):
                 if not chunk:
                     break
                 left -= len(chunk)
-        except OSError:
+        except (OSError, ReadDeadlineExceeded):
             pass
 
     def _drain_and_close(self):
@@ -325,6 +456,7 @@ class CodeRequestHandler(BaseHTTPRequestHandler):
 
 class CodeServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # listen backlog: bursts of concurrent clients queue instead of being reset
 
     @property
     def url(self) -> str:
@@ -339,15 +471,18 @@ class CodeServer6(CodeServer):
 def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, *, allow_remote: bool = False,
                 max_new_tokens_limit: int = 512, max_request_bytes: int = 64 * 1024,
                 default_max_new_tokens: Optional[int] = None, seed: int = 1337, quiet: bool = False,
-                model_name: str = "", compile: bool = False) -> CodeServer:
+                model_name: str = "", compile: bool = False, allowed_hosts: Iterable[str] = (),
+                read_deadline_s: float = READ_DEADLINE_S) -> CodeServer:
     """A bound (not yet serving) server; call serve_forever() (e.g. in a thread), then shutdown()
     and server_close(). port 0 picks a free port: see server.url. A host that is not loopback
-    raises ValueError unless allow_remote."""
+    raises ValueError unless allow_remote; so does a malformed name in allowed_hosts (the Host
+    and Origin names accepted besides the bound host: see accepted_hosts)."""
     if not allow_remote and not is_loopback_host(host):
         raise ValueError(f"refusing to listen on {host!r}: not a loopback address. The server has no "
                          "authentication; pass --allow-remote (allow_remote=True) to expose it anyway")
-    if max_new_tokens_limit < 1 or max_request_bytes < 1:
-        raise ValueError("max_new_tokens_limit and max_request_bytes must be >= 1")
+    if max_new_tokens_limit < 1 or max_request_bytes < 1 or not read_deadline_s > 0:
+        raise ValueError("max_new_tokens_limit and max_request_bytes must be >= 1, read_deadline_s > 0")
+    hosts = accepted_hosts(host, allowed_hosts)
     default_max_new_tokens = min(default_max_new_tokens or 128, max_new_tokens_limit)
     page, csp = render_page(max_new_tokens_limit, default_max_new_tokens, model_name)  # reads codegen/static/
     bind_host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
@@ -355,7 +490,7 @@ def make_server(model, tokenizer, host: str = "127.0.0.1", port: int = 8000, *, 
     server = cls((bind_host, port), CodeRequestHandler)
     server.model, server.tokenizer = model, tokenizer
     server.model_lock = threading.Lock()
-    server.allow_remote = allow_remote
+    server.allow_remote, server.accepted_hosts, server.read_deadline_s = allow_remote, hosts, read_deadline_s
     server.max_new_tokens_limit = max_new_tokens_limit
     server.max_request_bytes = max_request_bytes
     server.default_max_new_tokens = default_max_new_tokens
@@ -376,6 +511,9 @@ def add_arguments(parser):
     group.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     group.add_argument("--allow-remote", "--allow_remote", dest="allow_remote", action="store_true",
                        help="allow a non-loopback --host: anyone who can reach it may use the model, unauthenticated")
+    group.add_argument("--allowed-hosts", "--allowed_hosts", dest="allowed_hosts", default="",
+                       help="comma-separated host names that Host and Origin headers may also name (default: "
+                            "only the bound host, plus localhost/127.0.0.1/[::1] for a loopback bind)")
     group.add_argument("--max_new_tokens_limit", type=int, default=512,
                        help="requests asking for more new tokens are clamped to this (default 512)")
     group.add_argument("--max_request_bytes", type=int, default=64 * 1024,
@@ -393,12 +531,17 @@ def run(args) -> int:
     if not args.allow_remote and not is_loopback_host(args.host):
         raise UsageError(f"refusing to listen on {args.host!r}: not a loopback address (the server has no "
                          "authentication); pass --allow-remote to expose it anyway")
+    allowed = (getattr(args, "allowed_hosts", "") or "").split(",")
+    try:
+        accepted_hosts(args.host, allowed)
+    except ValueError as e:
+        raise UsageError(f"bad --host or --allowed-hosts: {e}") from None
     _, model, tokenizer = start(args)
     try:
         server = make_server(model, tokenizer, args.host, args.port, allow_remote=args.allow_remote,
                              max_new_tokens_limit=args.max_new_tokens_limit, max_request_bytes=args.max_request_bytes,
                              seed=args.seed, quiet=args.quiet, model_name=str(args.pretrained_model_path),
-                             compile=args.compile)
+                             compile=args.compile, allowed_hosts=allowed)
     except OSError as e:  # the port is taken, the address cannot be bound
         raise UsageError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
     if args.allow_remote and not is_loopback_host(args.host):

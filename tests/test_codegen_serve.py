@@ -4,8 +4,11 @@ import base64
 import hashlib
 import json
 import shutil
+import socket
 import threading
+import time
 import types
+from typing import Tuple
 import urllib.error
 import urllib.request
 
@@ -13,8 +16,8 @@ import pytest
 import torch
 
 import codegen.serve as serve_module
-from codegen.serve import (_host_header_is_loopback, is_loopback_host, make_server, parse_request, render_page,
-                           RequestError)
+from codegen.serve import (accepted_hosts, host_allowed, is_loopback_host, make_server, origin_allowed,
+                           parse_request, render_page, RequestError, split_host)
 from config import LlamaConfig
 from conftest import asset_path
 from llama import Llama
@@ -133,7 +136,11 @@ def test_bad_requests_are_400_with_a_json_error(server, payload):
 def test_other_request_errors(server):
     assert post(server, {"prompt": "def f():"}, headers={"Content-Type": "text/plain"})[0] == 415
     assert post(server, {"prompt": "def f():"}, headers={"Host": "attacker.example:8000"})[0] == 403  # DNS rebinding
-    assert request(server, "/", headers={"Host": "localhost:1234"})[0] == 200
+    port = server.server_address[1]
+    assert request(server, "/", headers={"Host": f"localhost:{port}"})[0] == 200
+    assert request(server, "/", headers={"Host": "localhost"})[0] == 200
+    assert request(server, "/", headers={"Host": "localhost:1234"})[0] == 403  # another port: another origin
+    assert request(server, "/health", headers={"Host": f"evil.localhost:{port}"})[0] == 403
 
 
 def test_concurrent_requests_are_serialised(server, monkeypatch):
@@ -174,8 +181,9 @@ def test_non_loopback_hosts_are_refused():
         assert not is_loopback_host(host)
     with pytest.raises(ValueError, match="allow-remote"):
         make_server(None, None, "0.0.0.0", 0)
-    assert _host_header_is_loopback("127.0.0.1:80") and _host_header_is_loopback("[::1]:80")
-    assert not _host_header_is_loopback("evil.example") and not _host_header_is_loopback("10.0.0.1:80")
+    loopback = accepted_hosts("127.0.0.1")
+    assert host_allowed("127.0.0.1:80", loopback, 80) and host_allowed("[::1]:80", loopback, 80)
+    assert not host_allowed("evil.example", loopback, 80) and not host_allowed("10.0.0.1:80", loopback, 80)
 
 
 def test_serve_cli_refuses_a_public_host(capsys):
@@ -186,17 +194,23 @@ def test_serve_cli_refuses_a_public_host(capsys):
     assert "--allow-remote" in err and len(err.strip().splitlines()) == 1
 
 
-def test_host_header_localhost_means_the_name_or_a_subdomain():
-    """Only `localhost` and `*.localhost` are loopback names; a name merely ending in it is not."""
-    assert _host_header_is_loopback("localhost:8000") and _host_header_is_loopback("sub.localhost")
-    assert not _host_header_is_loopback("evillocalhost:8000") and not _host_header_is_loopback("evillocalhost")
+def test_host_header_localhost_means_exactly_the_name():
+    """Only `localhost` itself: not `*.localhost`, not a name merely ending in it."""
+    loopback = accepted_hosts("127.0.0.1")
+    assert host_allowed("localhost:8000", loopback, 8000) and host_allowed("LOCALHOST", loopback, 8000)
+    for value in ("evil.localhost", "sub.localhost:8000", "evillocalhost:8000", "evillocalhost", "localhost.:8000",
+                  "localhost:8000:8000", "localhost:80x", "user@localhost", ""):
+        assert not host_allowed(value, loopback, 8000), value
 
 
 def test_host_header_ipv6_loopback_with_and_without_port():
-    """IPv6 literals are not split at a colon: `[::1]:8000`, `[::1]` and bare `::1` are loopback."""
-    for value in ("[::1]:8000", "[::1]", "::1"):
-        assert _host_header_is_loopback(value)
-    assert not _host_header_is_loopback("::2") and not _host_header_is_loopback("[fe80::1]:8000")
+    """IPv6 literals come in brackets: `[::1]:8000` and `[::1]` pass; bare `::1` is not a Host value."""
+    loopback = accepted_hosts("::1")
+    assert split_host("[::1]:8000") == ("[::1]", 8000) and split_host("::1") is None
+    for value in ("[::1]:8000", "[::1]", "localhost", "127.0.0.1:8000"):
+        assert host_allowed(value, loopback, 8000), value
+    for value in ("::1", "[::2]", "[fe80::1]:8000", "[::1]:8001"):
+        assert not host_allowed(value, loopback, 8000), value
 
 
 def test_a_name_resolving_to_any_non_loopback_address_is_not_loopback(monkeypatch):
@@ -336,3 +350,165 @@ def test_parse_request_suffix():
         with pytest.raises(RequestError) as info:
             parse_request(body, 16, 8)
         assert info.value.status == 400 and "suffix" in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hardening: listen backlog, numeric ranges, Host/Origin, the read deadline
+
+
+@pytest.fixture(scope="module")
+def strict(server):
+    """A second server: --allow-remote on a loopback bind, one extra allowed host, a 1 s read deadline
+    and room for bodies larger than the 4300-digit integer limit."""
+    srv = make_server(server.model, server.tokenizer, "127.0.0.1", 0, allow_remote=True, allowed_hosts=["Code.Example"],
+                      max_new_tokens_limit=LIMIT, max_request_bytes=64 * 1024, quiet=True, read_deadline_s=1)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=10)
+
+
+def raw_request(srv, data: bytes, timeout: float = 5) -> bytes:
+    """What the server answers to `data` sent as is, read until it closes (or `timeout`)."""
+    with socket.create_connection(srv.server_address[:2], timeout=timeout) as sock:
+        sock.sendall(data)
+        return recv_all(sock)
+
+
+def recv_all(sock) -> bytes:
+    chunks = []
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError:  # a timeout: return what came
+        pass
+    return b"".join(chunks)
+
+
+def status_of(answer: bytes) -> int:
+    """The status code of a raw HTTP answer (0 when there is none)."""
+    parts = answer.split(b"\r\n", 1)[0].split()
+    return int(parts[1]) if len(parts) > 1 and parts[0].startswith(b"HTTP/") else 0
+
+
+def test_listen_backlog_is_128(server):
+    assert server.request_queue_size == 128 and serve_module.CodeServer.request_queue_size == 128
+
+
+def test_huge_and_tiny_numbers_are_400_not_a_dropped_connection_or_500(strict):
+    huge = b'{"prompt": "def f():", "max_new_tokens": ' + b"9" * 5000 + b"}"  # over Python's int-str limit
+    status, headers, body = post(strict, huge)
+    assert status == 400 and "not valid JSON" in json.loads(body)["error"]
+    status, _, body = post(strict, {"prompt": "def f():", "temperature": 1e-300})
+    assert status == 400 and "0 (greedy)" in json.loads(body)["error"]
+    assert post(strict, {"prompt": "def f():", "temperature": 1e-3, "max_new_tokens": 2})[0] == 200
+    assert post(strict, b'{"prompt": "def f():", "suffix": ' + b"[" * 5000 + b"]" * 5000 + b"}")[0] == 400
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_new_tokens", "0", "max_new_tokens"), ("max_new_tokens", str(10 ** 6 + 1), "[1, 1000000]"),
+    ("max_new_tokens", "HUGE", "max_new_tokens"), ("max_new_tokens", "2.0", "integer"),
+    ("temperature", "1e-300", "0 (greedy)"), ("temperature", "0.0009", "[0.001, 100]"), ("temperature", "100.5", "100"),
+    ("temperature", "1e999", "temperature"), ("temperature", "HUGE", "temperature"),
+    ("top_p", "-0.0001", "top_p"), ("top_p", "1e999", "top_p"), ("top_p", "HUGE", "top_p"),
+])
+def test_parse_request_range_checks_every_number(field, value, message):
+    value = "9" * 4000 if value == "HUGE" else value  # under the 4300-digit limit: parses, then out of range
+    body = ('{"prompt": "def f():", "%s": %s}' % (field, value)).encode()
+    with pytest.raises(RequestError) as info:
+        parse_request(body, 16, 8)
+    assert info.value.status == 400 and message in str(info.value)
+
+
+def test_parse_request_accepts_the_range_ends():
+    settings = parse_request(b'{"prompt": "a", "max_new_tokens": 1000000, "temperature": 100, "top_p": 0}', 16, 8)
+    assert settings["max_new_tokens"] == 16 and settings["temperature"] == 100.0 and settings["top_p"] == 0.0
+    assert parse_request(b'{"prompt": "a", "temperature": 0.001, "top_p": 1}', 16, 8)["temperature"] == 0.001
+    assert parse_request(b'{"prompt": "a", "temperature": 0}', 16, 8)["temperature"] == 0.0
+
+
+def test_allow_remote_on_loopback_still_checks_host_and_origin(strict):
+    port = strict.server_address[1]
+    assert post(strict, {"prompt": "def f():"}, headers={"Host": "attacker.example"})[0] == 403
+    assert request(strict, "/health", headers={"Host": f"evil.localhost:{port}"})[0] == 403
+    for host in (f"127.0.0.1:{port}", "localhost", f"[::1]:{port}", f"code.example:{port}", "CODE.example"):
+        assert request(strict, "/health", headers={"Host": host})[0] == 200, host
+    for origin in ("http://evil.example", f"http://evil.example:{port}", "null", f"https://127.0.0.1:{port}",
+                   "http://127.0.0.1", f"http://localhost:{port + 1}", f"http://127.0.0.1:{port}/x"):
+        status, _, body = post(strict, {"prompt": "def f():", "max_new_tokens": 1}, headers={"Origin": origin})
+        assert status == 403 and "Origin" in json.loads(body)["error"], origin
+    for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}", f"http://code.example:{port}"):
+        assert post(strict, {"prompt": "def f():", "max_new_tokens": 1}, headers={"Origin": origin})[0] == 200
+
+
+def test_a_duplicated_host_header_is_400(strict):
+    port = strict.server_address[1]
+    answer = raw_request(strict, (f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nHost: evil.example\r\n"
+                                  "Connection: close\r\n\r\n").encode())
+    assert status_of(answer) == 400 and b"more than one Host" in answer
+    answer = raw_request(strict, f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+    assert status_of(answer) == 200
+
+
+def test_accepted_hosts_for_a_remote_bind_are_the_bound_address_and_the_allowed_hosts():
+    assert accepted_hosts("10.0.0.5") == {"10.0.0.5"}
+    assert accepted_hosts("10.0.0.5", ["a.example", " B.example ", ""]) == {"10.0.0.5", "a.example", "b.example"}
+    assert accepted_hosts("127.0.0.1") == {"127.0.0.1", "localhost", "[::1]"}
+    assert accepted_hosts("::1", ["0:0::2"]) == {"[::1]", "[::2]", "localhost", "127.0.0.1"}
+    for bad in ("a.example:80", "a b", "http://a.example", "a/b"):
+        with pytest.raises(ValueError):
+            accepted_hosts("127.0.0.1", [bad])
+    remote = accepted_hosts("10.0.0.5", ["a.example"])
+    assert host_allowed("a.example:80", remote, 80) and not host_allowed("localhost:80", remote, 80)
+    assert origin_allowed("http://10.0.0.5", remote, 80) and not origin_allowed("http://10.0.0.5", remote, 8000)
+
+
+def test_serve_cli_refuses_a_bad_allowed_host(capsys):
+    from codegen.cli import main
+
+    assert main(["--option", "serve", "--port", "0", "--allowed-hosts", "a.example:80"]) == 2
+    assert "--allowed-hosts" in capsys.readouterr().err
+
+
+def trickle(srv, head: bytes, rest: bytes) -> Tuple[bytes, float]:
+    """(the answer, seconds until it came) when `head` is sent at once and `rest` one byte every 0.2 s
+    by a second thread."""
+    sock = socket.create_connection(srv.server_address[:2], timeout=5)
+    stop = threading.Event()
+
+    def sender():
+        for byte in rest:
+            if stop.wait(0.2):
+                return
+            try:
+                sock.send(bytes([byte]))
+            except OSError:
+                return
+
+    sock.sendall(head)
+    thread = threading.Thread(target=sender, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    answer = recv_all(sock)
+    seconds = time.monotonic() - started
+    stop.set()
+    thread.join(timeout=5)
+    sock.close()
+    return answer, seconds
+
+
+def test_a_trickling_request_gets_408_at_the_read_deadline(strict):
+    port = strict.server_address[1]
+    body = json.dumps({"prompt": "def f():", "max_new_tokens": 1}).encode().ljust(100)
+    head = (f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    for first, rest in ((head, body), (head[:20], head[20:] + body)):  # a slow body; slow headers
+        answer, seconds = trickle(strict, first, rest)
+        assert status_of(answer) == 408 and b"within 1 s" in answer, answer[:200]
+        assert seconds < 3
+    assert post(strict, {"prompt": "def f():", "max_new_tokens": 1})[0] == 200  # the server still answers
