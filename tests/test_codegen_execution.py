@@ -513,3 +513,181 @@ def test_runner_guard_runs_as_a_plain_script(tmp_path):
     assert (work / "inside.txt").read_text() == "ok"
     assert not outside.exists()
     assert f"SandboxViolation: sandbox: writing {str(outside)!r} is not allowed" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# Security regressions: no root fallback, an unforgeable run_tests proof, guard one-liners,
+# nothing left behind when the caller is killed
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop only happens when running as root")
+def test_rlimits_refuses_to_run_as_root_when_it_cannot_drop_privileges(monkeypatch):
+    import functools
+    monkeypatch.setattr(execution, "_uid_drop_works", lambda python: False)
+    monkeypatch.setattr(execution, "_rlimits_python",
+                        functools.lru_cache()(execution._rlimits_python.__wrapped__))
+    marker = f"/tmp/codegen-sandbox-ran-as-root-{uuid.uuid4().hex}"
+    with pytest.raises(execution.SandboxUnavailable) as err:
+        execution.check_program(f"open({marker!r}, 'w').write('x')", sandbox="rlimits")
+    assert "bubblewrap" in str(err.value) and "apt-get install bubblewrap" in str(err.value)
+    assert not os.path.exists(marker)
+    assert "rlimits" not in execution.available_sandboxes()
+    with pytest.raises(execution.SandboxUnavailable):   # nor by asking for no uid change
+        execution._execute("print(1)", 5.0, 256, "rlimits", drop_uid=False)
+
+
+@pytest.mark.skipif("rlimits" not in SANDBOXES, reason="the rlimits sandbox cannot run here")
+def test_rlimits_program_never_runs_as_root():
+    result = run("import os\nprint(os.getresuid(), os.getresgid(), os.getgroups())\n", "rlimits")
+    assert result.passed, result.stderr
+    assert result.sandbox == "rlimits"
+    if os.geteuid() == 0:
+        assert "0" not in result.stdout.replace("(", " ").replace(")", " ").replace(",", " ").split()
+
+
+FORGER = r'''
+import gc, os, re, sys
+
+def f(x):
+    found = []                 # in the order found; the likeliest (own files) come last
+    def scan(data):
+        if isinstance(data, str):
+            data = data.encode("utf-8", "replace")
+        for t in re.findall(rb"[0-9a-f]{32}", data):
+            if t in found:
+                found.remove(t)
+            found.append(t)
+    def attempt(fn, *args):
+        try:
+            fn(*args)
+        except BaseException:
+            pass
+    def read(path):
+        with open(path, "rb") as fh:
+            scan(fh.read(1 << 20))
+    def walk(top):
+        for root, dirs, files in os.walk(top):
+            for name in files:
+                attempt(read, os.path.join(root, name))
+    def loosen_guard():    # rlimits: switch the guard's path checks off through its globals
+        for fn in (os.open, os.open.__globals__["is_memory"], os.open.__globals__["inside"]):
+            for k in ("MEM", "PROC_DEV"):
+                fn.__globals__[k] = re.compile("x^") if k == "MEM" else -1
+    attempt(loosen_guard)
+    attempt(lambda: [scan(repr(o)[:4096]) for o in gc.get_objects()])
+    def frames():
+        fr = sys._getframe()
+        while fr is not None:
+            scan(repr(fr.f_locals)); scan(repr(fr.f_globals))
+            fr = fr.f_back
+    attempt(frames)
+    def memory():
+        with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb") as mem:
+            for line in maps:
+                lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+                if "rw" in line.split()[1] and hi - lo < 64 << 20:
+                    attempt(lambda: (mem.seek(lo), scan(mem.read(hi - lo))))
+    attempt(memory)
+    walk("/tmp")
+    for fd in os.listdir("/proc/self/fd"):
+        attempt(lambda: scan(os.read(int(fd), 1 << 16)))
+        attempt(read, "/proc/self/fd/" + fd)
+    scan(repr(dict(os.environ)))
+    for name in ("environ", "cmdline"):
+        attempt(read, "/proc/self/" + name)
+    scan(repr(sys.orig_argv)); scan(repr(sys.argv))
+    walk(os.getcwd())
+    print("\n".join(t.decode() for t in found), flush=True)
+    attempt(sys.audit, "sandbox.check_returned")    # ask the guard for the proof itself
+    os._exit(0)
+'''
+
+
+def test_run_tests_secret_cannot_be_forged(sandbox):
+    """A wrong solution that searches its files, argv, environment, descriptors, objects, frames
+    and memory for the pass proof, prints everything that looks like it and exits 0 must fail."""
+    result = run_tests(FORGER, "def check(candidate):\n    assert candidate(1) == 2\n", "f",
+                       sandbox=sandbox, timeout=20)
+    assert result.status == "failed", result
+    assert "exited with status 0 before check() returned" in result.stderr
+    ok = run_tests("def f(x):\n    return x + 1\n", "def check(candidate):\n    assert candidate(1) == 2\n",
+                   "f", sandbox=sandbox)
+    assert ok.passed, ok.stderr
+
+
+ONE_LINERS = {
+    # rebind the guard's `deny` (and path check) cells of the wrapped os.open
+    "closure": "import os; [setattr(c, 'cell_contents', lambda *a, **k: True) for c in "
+               "os.open.__closure__ if callable(c.cell_contents) and "
+               "c.cell_contents.__name__ in ('_sbx_deny', 'inside')]",
+    # a fresh _posixsubprocess with a working fork_exec
+    "posixsubprocess": "import sys; del sys.modules['_posixsubprocess']; import _posixsubprocess",
+    # a fresh posix with an unwrapped open(dir_fd=...)
+    "posix": "import sys; del sys.modules['posix']; import posix; import os; os.open = posix.open",
+    "create_builtin": "import _imp, importlib.machinery as m, os; "
+                      "os.open = _imp.create_builtin(m.ModuleSpec('posix', None)).open",
+}
+
+
+@pytest.mark.parametrize("how", sorted(ONE_LINERS))
+def test_guard_one_liners_are_refused(sandbox, how):
+    """Known one-line ways around the audit-hook guard must be refused under rlimits (bwrap
+    contains whatever they start: /tmp is its own)."""
+    target = f"/tmp/codegen-sandbox-escape-{uuid.uuid4().hex}"
+    name = os.path.basename(target)
+    escape = (
+        f"import _posixsubprocess\n"
+        f"sh = [b'/bin/sh', b'-c', b'echo escaped > {target}']\n"
+        f"args = (sh, [b'/bin/sh'], True, (), None, None, -1, -1, -1, -1, -1, -1, *os.pipe(),\n"
+        f"        False, False, -1, None, None, None, -1, None, False)\n"
+        f"for n in range(len(args), 15, -1):\n"
+        f"    try:\n"
+        f"        os.waitpid(_posixsubprocess.fork_exec(*args[:n]), 0)\n"
+        f"        break\n"
+        f"    except TypeError:\n"
+        f"        continue\n"
+    ) if how == "posixsubprocess" else (
+        f"fd = os.open('/tmp', os.O_RDONLY)\n"
+        f"os.close(os.open({name!r}, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))\n")
+    program = "import os\n" + ONE_LINERS[how] + "\n" + escape + "print('ESCAPED')\n"
+    try:
+        result = run(program, sandbox)
+        assert not os.path.exists(target), f"{how}: the sandbox wrote {target}"
+        if sandbox == "rlimits":
+            assert result.status == "failed" and "ESCAPED" not in result.stdout, result
+        assert_nothing_left(result)
+    finally:
+        if os.path.exists(target):
+            os.remove(target)
+
+
+@pytest.mark.skipif("rlimits" not in SANDBOXES, reason="the rlimits sandbox cannot run here")
+def test_program_dies_with_its_killed_caller_and_its_workdir_is_swept():
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from codegen.execution import check_program
+        check_program("import time\\nprint('up', flush=True)\\ntime.sleep(60)", sandbox="rlimits",
+                      timeout=60)
+    """)
+    helper = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    marker = f"/{execution.WORKDIR_PREFIX}{helper.pid}-"
+    try:
+        deadline = time.monotonic() + 60
+        while not processes_with(marker + "") or not list(Path("/tmp").glob(marker[1:] + "*")):
+            assert time.monotonic() < deadline, "the helper's program never started"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        os.kill(helper.pid, signal.SIGKILL)
+        helper.wait()
+        deadline = time.monotonic() + 10
+        while processes_with(marker):
+            assert time.monotonic() < deadline, "the program outlived its killed caller"
+            time.sleep(0.1)
+        assert list(Path("/tmp").glob(marker[1:] + "*")), "expected the killed run's workdir"
+        execution.check_program("pass", sandbox="rlimits")
+        assert not list(Path("/tmp").glob(marker[1:] + "*")), "stale workdir not removed"
+    finally:
+        if helper.poll() is None:
+            os.kill(helper.pid, signal.SIGKILL)
+            helper.wait()
