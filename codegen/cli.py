@@ -32,10 +32,10 @@ def main(argv) -> int:
     option = parser.parse_known_args(argv)[0].option
     module = importlib.import_module(OPTIONS[option])
     module.add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.help:
+    if "-h" in argv or "--help" in argv:  # before parsing: an option's required flags must not block its help
         parser.print_help()
         return 0
+    args = parser.parse_args(argv)
     if not args.causal:
         print(f"error: --no-causal: --option {option} predicts the next token, which a non-causal model would see "
               "in its input; code models are always causal", file=sys.stderr)

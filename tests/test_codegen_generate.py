@@ -351,3 +351,9 @@ def test_code_generate_cli_compile(tmp_path, tokenizer):
     eager, compiled = run_cli(tmp_path, *args), run_cli(tmp_path, *args, "--compile", timeout=600)
     assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr
     assert compiled.stdout == eager.stdout and eager.stdout.strip()
+
+
+def test_code_generate_help_needs_no_prompt(tmp_path):
+    result = run_cli(tmp_path, "--help")
+    assert result.returncode == 0 and "--prompt" in result.stdout and "--suffix" in result.stdout
+    assert result.stderr == ""
