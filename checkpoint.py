@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from config import LlamaConfig
-from rope import rope_frequencies
+from rope import ROPE_SCALINGS, rope_frequencies
 from utils import CheckpointError, UsageError, atomic_save, atomic_write
 
 # ----------------------------------------------------------------------------------------------
@@ -297,15 +297,21 @@ _OURS_TO_HF_LAYER = {ours: hf for hf, ours in _HF_LAYER_NAMES.items()}
 _OURS_TO_HF = {ours: hf for hf, ours in _HF_NAMES.items()}
 
 
+def _read_json(folder: Path, name: str, what: str):
+    """The JSON in folder/name; a missing or unreadable file is a CheckpointError saying what the
+    folder is not."""
+    try:
+        return json.loads((folder / name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no {name}: not {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder / name}: not readable JSON ({e})") from None
+
+
 def hf_config(folder: Path, overrides: dict) -> LlamaConfig:
     """Our LlamaConfig from a HF config.json, in either schema: older files put rope_theta and
     rope_scaling at the top level; transformers 5 writes rope_parameters (rope_theta, rope_type)."""
-    try:
-        hf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder}: no config.json: not a Hugging Face model folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{folder / 'config.json'}: not readable JSON ({e})") from None
+    hf = _read_json(folder, "config.json", "a Hugging Face model folder")
     _refuse_unsupported(folder, hf)
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
@@ -339,8 +345,8 @@ def _refuse_unsupported(folder: Path, hf: dict) -> None:
     else:
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "linear", "llama3"):
-            problem = f"rope type {kind!r}: supported are default, linear, llama3"
+        if kind not in ROPE_SCALINGS:
+            problem = f"rope type {kind!r}: supported are {', '.join(ROPE_SCALINGS)}"
     if problem:
         raise CheckpointError(f"{folder / 'config.json'}: {problem}")
 
@@ -350,7 +356,10 @@ def _hf_weight_files(folder: Path):
     for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (folder / index_name).is_file():
-            weight_map = json.loads((folder / index_name).read_text(encoding="utf-8"))["weight_map"]
+            index = _read_json(folder, index_name, "a sharded checkpoint's index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{folder / index_name}: no weight_map: not a sharded checkpoint's index")
             files = sorted(set(weight_map.values()))
             absent = [f for f in files if not (folder / f).is_file()]
             if absent:
@@ -503,12 +512,7 @@ def read_adapter(path, config: LlamaConfig) -> Adapter:
 
 def _peft_settings(folder: Path) -> dict:
     """adapter_config.json, refusing what this project's LoRA does not compute."""
-    try:
-        settings = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder}: no adapter_config.json: not a PEFT adapter folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{folder / 'adapter_config.json'}: not readable JSON ({e})") from None
+    settings = _read_json(folder, "adapter_config.json", "a PEFT adapter folder")
     if not isinstance(settings, dict) or "r" not in settings or "lora_alpha" not in settings:
         raise CheckpointError(f"{folder / 'adapter_config.json'}: no r / lora_alpha: not a LoRA adapter config")
     for key, (acceptable, reason) in _PEFT_REFUSED.items():

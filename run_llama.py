@@ -26,7 +26,7 @@ from classifier import POOLINGS, LlamaEmbeddingClassifier, LlamaZeroShotClassifi
 from checkpoint import load_classifier, load_pretrained, save_classifier
 from optimizer import AdamW
 from tokenizer import Tokenizer
-from utils import CheckpointError, DataError, UsageError, atomic_write_text, pick_device, seed_everything
+from utils import DTYPES, CheckpointError, DataError, UsageError, atomic_write_text, pick_device, seed_everything
 
 GENERATE_PROMPT = ("Victor Frankenstein, a young scientist obsessed with uncovering the secrets of life, "
                    "succeeds in animating a creature assembled from")
@@ -237,8 +237,7 @@ def generation_tokenizer(args):
 
 def generate_sentences(args, device):
     tokenizer = generation_tokenizer(args)
-    dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    llama = load_pretrained(args.pretrained_model_path, dtype=dtype, adapter=args.adapter, **model_overrides(args))
+    llama = load_pretrained(args.pretrained_model_path, dtype=DTYPES[args.dtype], adapter=args.adapter, **model_overrides(args))
     check_vocab(llama, tokenizer, args.pretrained_model_path)
     llama = prepare(llama, args, device).eval()
     prompt = torch.tensor([tokenizer.encode(GENERATE_PROMPT, bos=True, eos=False)], device=device)
@@ -448,16 +447,14 @@ def export_tokenizer(args, vocab_size: int):
     """The tokenizer in use (--tokenizer, a HF folder's own, else the default tokenizer.model) with the
     checkpoint's FIM sentinels, and where it was read from (its files are copied into a HF export)."""
     from checkpoint import code_metadata
-    from codegen.text_tokenizer import load_tokenizer
-    from tokenizer import TOKENIZER_MODEL
+    from codegen.text_tokenizer import load_tokenizer, tokenizer_path
 
-    src = Path(args.pretrained_model_path)
-    source = args.tokenizer or (src if src.is_dir() else None) or os.environ.get("MINILLAMA_TOKENIZER") or TOKENIZER_MODEL
-    tokenizer = load_tokenizer(source, code_metadata(src).get("sentinels") or None)
+    source = tokenizer_path(args.tokenizer, args.pretrained_model_path)
+    tokenizer = load_tokenizer(source, code_metadata(args.pretrained_model_path).get("sentinels") or None)
     if tokenizer.n_words > vocab_size:
         raise UsageError(f"{source}: the tokenizer has {tokenizer.n_words} pieces, more than the model's {vocab_size} "
                          "embedding rows: pass the model's own --tokenizer")
-    return tokenizer, Path(source)
+    return tokenizer, source
 
 
 def export_peft(args, dtype) -> None:
@@ -482,7 +479,7 @@ def export(args) -> None:
     from checkpoint import check_exportable, check_out_path, save_gguf, save_hf_folder, save_llama2c_bin
 
     check_out_path(args.out, args.format in ("hf", "peft"), args.overwrite)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     if args.format == "peft":
         return export_peft(args, dtype)
     model = load_pretrained(args.pretrained_model_path, adapter=args.adapter).eval()

@@ -8,9 +8,14 @@ from sentencepiece import SentencePieceProcessor
 TOKENIZER_MODEL = Path(__file__).resolve().parent / "tokenizer.model"
 
 
+def default_model_path() -> Path:
+    """$MINILLAMA_TOKENIZER, else the tokenizer.model beside this file (where setup.sh puts it)."""
+    return Path(os.environ.get("MINILLAMA_TOKENIZER") or TOKENIZER_MODEL)
+
+
 class Tokenizer:
     def __init__(self, max_len: Optional[int] = None, tokenizer_model: Optional[str] = None):
-        path = Path(tokenizer_model or os.environ.get("MINILLAMA_TOKENIZER") or TOKENIZER_MODEL)
+        path = Path(tokenizer_model or default_model_path())
         if not path.is_file():
             raise FileNotFoundError(
                 f"tokenizer model {path} not found: run `bash setup.sh` to place it, "

@@ -1,13 +1,10 @@
 """What the code-generation modules share: loading a model with its tokenizer, and the device."""
-from pathlib import Path
 from typing import Optional
-
-import torch
 
 from checkpoint import code_metadata, load_pretrained
 from codegen.fim import SENTINELS
-from codegen.text_tokenizer import SentencePieceTokenizer, load_tokenizer
-from utils import CheckpointError, pick_device, seed_everything
+from codegen.text_tokenizer import SentencePieceTokenizer, load_tokenizer, tokenizer_path
+from utils import DTYPES, CheckpointError, pick_device, seed_everything
 
 # The Llama tokenizer (tokenizer.Tokenizer) plus optional fill-in-the-middle sentinels with ids after
 # the base vocabulary: CodeTokenizer(tokenizer_model=None, sentinels=None). Sentinels are never
@@ -31,9 +28,7 @@ def load_code_model(path, device="cpu", tokenizer_model: Optional[str] = None, a
     unknown = set(sentinels) - set(SENTINELS)
     if unknown:
         raise CheckpointError(f"{path}: unknown sentinel tokens {sorted(unknown)}")
-    if tokenizer_model is None and Path(path).is_dir():
-        tokenizer_model = path  # a HF folder brings its own tokenizer
-    return model, load_tokenizer(tokenizer_model, sentinels)
+    return model, load_tokenizer(tokenizer_path(tokenizer_model, path), sentinels)
 
 
 def start(args):
@@ -49,4 +44,4 @@ def start(args):
 
 def weight_dtype(args):
     """--dtype as a torch dtype: what the weights are stored in (None: float32, the default)."""
-    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[getattr(args, "dtype", "float32")]
+    return DTYPES[getattr(args, "dtype", "float32")]

@@ -78,6 +78,8 @@ import time
 import warnings
 from typing import Dict, List, Optional, Sequence
 
+from utils import pid_alive
+
 __all__ = ["ExecResult", "SandboxUnavailable", "check_program", "run_tests", "run_io_tests", "sandbox_kind", "available_sandboxes",
            "SANDBOXES", "MAX_OUTPUT_BYTES"]
 
@@ -473,16 +475,6 @@ def _write_workdir(workdir: str, program: str, kind: str, check: bool) -> List[s
     return script
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale_workdirs() -> None:
     """Remove working directories left behind by callers that were killed (their pid is dead)."""
     base = tempfile.gettempdir()
@@ -492,7 +484,7 @@ def _remove_stale_workdirs() -> None:
         return
     for name in names:
         m = _WORKDIR_RE.fullmatch(name)
-        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+        if m is None or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
             continue
         path = os.path.join(base, name)
         if os.path.isdir(path) and not os.path.islink(path):

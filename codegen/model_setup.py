@@ -8,13 +8,11 @@
     make_optimizer(model, partial, args, device)
     codegen_metadata(...)                the "codegen" dict of best.pt / last.pt (sentinels, settings)
 """
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 
 from codegen.common import load_code_model, weight_dtype
-from codegen.text_tokenizer import load_tokenizer
+from codegen.text_tokenizer import load_tokenizer, tokenizer_path
 from codegen.infill import add_fim_sentinels
 from config import LlamaConfig
 from llama import Llama
@@ -128,9 +126,8 @@ def resumed_model(state, args, device):
     model = Llama(config)
     if not state.tied:
         model.output.weight = nn.Parameter(torch.empty_like(model.output.weight))
-    base = Path(state.codegen.get("base_checkpoint") or "")
-    source = args.tokenizer or (base if base.is_dir() else None)  # a HF base folder brings its own tokenizer
-    tokenizer = load_tokenizer(source, state.codegen["sentinels"])
+    tokenizer = load_tokenizer(tokenizer_path(args.tokenizer, state.codegen.get("base_checkpoint")),
+                               state.codegen["sentinels"])
     if config.max_seq_len < args.max_len:
         raise UsageError(f"last.pt: the model's max_seq_len={config.max_seq_len} is smaller than "
                          f"--max_len={args.max_len}; pass --max_len {config.max_seq_len} or less")

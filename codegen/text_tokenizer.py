@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from codegen.fim import FIM_END, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, default_model_path
 from utils import UsageError
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # in a model folder, the first one found is used
@@ -190,6 +190,16 @@ class HFTokenizer(TextTokenizer):
 
     def decode(self, tokens: List[int]) -> str:
         return self._tk.decode(self._text_ids(tokens), skip_special_tokens=True)
+
+
+def tokenizer_path(tokenizer=None, checkpoint=None) -> Path:
+    """Where a model's tokenizer is: --tokenizer when given, else a Hugging Face checkpoint folder's
+    own, else the default tokenizer.model (tokenizer.default_model_path)."""
+    if tokenizer is not None:
+        return Path(tokenizer)
+    if checkpoint is not None and Path(checkpoint).is_dir():
+        return Path(checkpoint)
+    return default_model_path()
 
 
 def load_tokenizer(path=None, sentinels: Optional[dict] = None) -> TextTokenizer:

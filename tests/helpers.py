@@ -1,4 +1,5 @@
 """Builders for the tests: tiny random models, and checkpoints written in each supported format."""
+import json
 import math
 
 import torch
@@ -52,3 +53,20 @@ def save_stories_pt(model: Llama, path, naming="minllama", prefix=""):
                 key = key.replace(f".{ours}.", f".{theirs}.")
         state[prefix + key] = value.clone()
     torch.save({"model_args": model_args(model.config), "model": state, "iter_num": 0}, path)
+
+
+def synthetic_pairs(n=50):
+    """n docstring -> code pairs from 7 source files, easy to learn (codegen training tests)."""
+    ops = [("add", "+", "plus"), ("sub", "-", "minus"), ("mul", "*", "times"), ("div", "//", "divided by")]
+    pairs = []
+    for i in range(n):
+        name, op, word = ops[i % len(ops)]
+        k = i // len(ops) + 1
+        pairs.append({"prompt": f'def {name}_{k}(x):\n    """Return x {word} {k}."""\n',
+                      "code": f"    y = x {op} {k}\n    return y\n", "path": f"mod{i % 7}.py"})
+    return pairs
+
+
+def write_jsonl(path, pairs):
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    return path

@@ -15,6 +15,7 @@ from codegen.examples import (IGNORE, Examples, collate, epoch_plan, has_loss, h
                               make_batches, make_example, prepare_examples)
 from config import LlamaConfig
 from conftest import asset_path
+from helpers import synthetic_pairs, write_jsonl
 from llama import Llama
 from utils import UsageError
 
@@ -22,22 +23,6 @@ CONFIG = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, mul
 SENTINELS = {"<fim_prefix>": 32000, "<fim_suffix>": 32001, "<fim_middle>": 32002, "<fim_end>": 32003}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def synthetic_pairs(n=50):
-    ops = [("add", "+", "plus"), ("sub", "-", "minus"), ("mul", "*", "times"), ("div", "//", "divided by")]
-    pairs = []
-    for i in range(n):
-        name, op, word = ops[i % len(ops)]
-        k = i // len(ops) + 1
-        pairs.append({"prompt": f'def {name}_{k}(x):\n    """Return x {word} {k}."""\n',
-                      "code": f"    y = x {op} {k}\n    return y\n", "path": f"mod{i % 7}.py"})
-    return pairs
-
-
-def write_jsonl(path, pairs):
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    return path
 
 
 @pytest.fixture

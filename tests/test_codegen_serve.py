@@ -33,7 +33,12 @@ def server():
     torch.manual_seed(0)
     model = Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=8,
                               max_seq_len=512)).eval()
-    srv = make_server(model, tokenizer, "127.0.0.1", 0, max_new_tokens_limit=LIMIT, max_request_bytes=4096, quiet=True)
+    yield from serving(make_server(model, tokenizer, "127.0.0.1", 0, max_new_tokens_limit=LIMIT,
+                                   max_request_bytes=4096, quiet=True))
+
+
+def serving(srv):
+    """Serve srv in a thread for the fixture's lifetime; shut it down cleanly afterwards."""
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield srv
@@ -360,14 +365,9 @@ def test_parse_request_suffix():
 def strict(server):
     """A second server: --allow-remote on a loopback bind, one extra allowed host, a 1 s read deadline
     and room for bodies larger than the 4300-digit integer limit."""
-    srv = make_server(server.model, server.tokenizer, "127.0.0.1", 0, allow_remote=True, allowed_hosts=["Code.Example"],
-                      max_new_tokens_limit=LIMIT, max_request_bytes=64 * 1024, quiet=True, read_deadline_s=1)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
+    yield from serving(make_server(server.model, server.tokenizer, "127.0.0.1", 0, allow_remote=True,
+                                   allowed_hosts=["Code.Example"], max_new_tokens_limit=LIMIT,
+                                   max_request_bytes=64 * 1024, quiet=True, read_deadline_s=1))
 
 
 def raw_request(srv, data: bytes, timeout: float = 5) -> bytes:

@@ -26,7 +26,7 @@ from codegen.model_setup import make_optimizer, setup_trainable
 from codegen.train import lr_at
 from config import LlamaConfig
 from conftest import ROOT, asset_path
-from helpers import save_stories_pt
+from helpers import save_stories_pt, synthetic_pairs, write_jsonl
 from llama import Llama, load_pretrained
 from lora import expected_lora_parameters
 from utils import CheckpointError
@@ -38,22 +38,6 @@ SUMMARY_FIELDS = {"mode", "trainable_parameters", "total_parameters", "peak_memo
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def synthetic_pairs(n=50):
-    ops = [("add", "+", "plus"), ("sub", "-", "minus"), ("mul", "*", "times"), ("div", "//", "divided by")]
-    pairs = []
-    for i in range(n):
-        name, op, word = ops[i % len(ops)]
-        k = i // len(ops) + 1
-        pairs.append({"prompt": f'def {name}_{k}(x):\n    """Return x {word} {k}."""\n',
-                      "code": f"    y = x {op} {k}\n    return y\n", "path": f"mod{i % 7}.py"})
-    return pairs
-
-
-def write_jsonl(path, pairs):
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    return path
 
 
 @pytest.fixture(scope="module")
