@@ -6,17 +6,30 @@
     sandbox_kind() -> "bwrap" | "rlimits"                             what check_program uses
 
 The program never runs inside the calling interpreter. Each call gets a fresh temporary
-working directory (removed afterwards), a scrubbed environment, `python -I` (isolated mode),
-the given stdin (empty by default), its own session / process group, and resource limits (CPU seconds,
-address space, file size, no core dumps, process count).
+directory (removed afterwards) holding the program, read-only, and its working directory WORK_NAME,
+the only place it may write; a scrubbed environment, `python -I` (isolated mode), the given stdin
+(empty by default), its own session / process group, and limits. Per process: CPU seconds, address
+space (memory_mb), file size, no core dumps. For the whole run (every process it starts):
+  - processes: RLIMIT_NPROC of the run's fresh uid (NPROC_MARGIN; not root: the user's count + it);
+  - memory: a watchdog sums the resident memory of the run's process tree every WATCH_INTERVAL and
+    kills the run past memory_mb (status "failed", the reason on stderr). It samples: a burst faster
+    than the interval can overshoot briefly, never for long;
+  - storage: WORK_DIR_BYTES, a size-limited private tmpfs under bwrap (writes fail with ENOSPC),
+    watched like memory under rlimits (at most MAX_WORK_FILES entries);
+  - no new user namespaces: the launcher (codegen/sandbox_launcher.py) installs a seccomp filter
+    refusing unshare/clone with CLONE_NEWUSER on x86_64 and aarch64 (bwrap's --disable-userns too,
+    where bwrap has it and runs without root).
+No cgroup is made: cgroup v2 delegation is rarely available to the project (not on the machines it
+was tested on, which have v1 hierarchies); the uid budget, the watchdog and the tmpfs bound the same
+things.
 
 Two sandboxes:
 
 "bwrap" (used when bubblewrap is installed and works here)
-    bwrap --ro-bind / / --tmpfs /tmp --bind WORKDIR WORKDIR --remount-ro /tmp --dev /dev
-          --proc /proc --unshare-net --unshare-pid --unshare-ipc --unshare-uts
-          --unshare-cgroup-try --die-with-parent --new-session ...
-    The whole file system is read-only except WORKDIR, there is no network (an empty net
+    bwrap --ro-bind / / --tmpfs /tmp --ro-bind WORKDIR WORKDIR --size N --tmpfs WORKDIR/work
+          --remount-ro /tmp --dev /dev --proc /proc --unshare-net --unshare-pid --unshare-ipc
+          --unshare-uts --unshare-cgroup-try --die-with-parent --new-session ...
+    The whole file system is read-only except WORKDIR/work, there is no network (an empty net
     namespace: not even the host's loopback), and the program has its own pid namespace, so
     when it (or bwrap) dies every process it started dies with it.
     When we are root, bwrap runs without a user namespace and a small launcher inside drops to
@@ -34,8 +47,9 @@ Two sandboxes:
     sandbox uid cannot run that one (e.g. it lives under a 0700 /root), a system interpreter
     of the same version; when neither works, check_program raises SandboxUnavailable (install
     bubblewrap: `apt-get install bubblewrap`) and available_sandboxes() leaves "rlimits" out.
-    The launcher checks the drop took and makes the program die with its caller
-    (PR_SET_PDEATHSIG). In addition a
+    The launcher checks the drop took, then stays as the run's supervisor: a child subreaper (so
+    the run is one process tree) that kills every process of the run when its caller dies
+    (PR_SET_PDEATHSIG; the program, forked from it, dies with it too). In addition a
     runner, codegen/sandbox_runner.py (a plain module: copied into WORKDIR for each run and
     started there with `python -I`, its parameters on its command line), installs a
     `sys.addaudithook` guard in the program's interpreter, then runs the program. It refuses:
@@ -53,10 +67,7 @@ Two sandboxes:
 On every exit path the whole process group/session is SIGKILLed (and, with a dedicated uid,
 every process of that uid) before the call returns, and the working directory is removed.
 Working directories are named codegen-exec-<caller pid>-*; each run removes those whose caller
-is dead (killed before it could clean up). Not done: per-run cgroups or a size-limited tmpfs
-for WORKDIR, and bwrap --disable-userns. PR_SET_PDEATHSIG covers the program's main process
-(under rlimits, children it forks die in the next sweep or when their parent's session is
-killed, not with the caller).
+is dead (killed before it could clean up).
 """
 from __future__ import annotations
 
@@ -88,9 +99,13 @@ logger = logging.getLogger(__name__)
 SANDBOXES = ("bwrap", "rlimits")
 MAX_OUTPUT_BYTES = 8192          # stdout / stderr kept per stream (head and tail)
 FILE_SIZE_LIMIT = 16 * 1024**2   # RLIMIT_FSIZE: largest file (incl. stdout) the program may write
-NPROC_MARGIN = 32                # processes the program may have at once (RLIMIT_NPROC)
+NPROC_MARGIN = 16                # processes the whole run may have at once (RLIMIT_NPROC of its fresh uid)
 FORK_BUDGET = 8                  # rlimits sandbox: forks the audit guard allows the main process
+WORK_DIR_BYTES = 64 * 1024**2    # what a run may store: its work dir is a tmpfs this size (bwrap), or watched
+MAX_WORK_FILES = 10_000          # rlimits: files and directories the watched work dir may hold
+WATCH_INTERVAL = 0.05            # seconds between two looks at a run's memory (and, under rlimits, files)
 PROGRAM_NAME = "program.py"
+WORK_NAME = "work"               # the program's working directory, inside the run's directory
 RUNNER_NAME = "_sandbox_main.py"
 WORKDIR_PREFIX = "codegen-exec-"  # + the caller's pid + "-": stale ones (dead pid) are removed
 _WORKDIR_RE = re.compile(re.escape(WORKDIR_PREFIX) + r"(\d+)-[A-Za-z0-9_]+")
@@ -118,39 +133,9 @@ class ExecResult:
 
 # --------------------------------------------------------------------------- launcher / prelude
 
-# Runs as the first process of the sandbox: set the limits, drop to the sandbox uid (if any),
-# enter the working directory and exec the real interpreter. argv: cpu as fsize nproc uid wd cmd..
-_LAUNCHER = r"""
-import os, resource, sys
-cpu, mem, fsize, nproc, uid, ppid = (int(x) for x in sys.argv[1:7])
-wd, cmd = sys.argv[7], sys.argv[8:]
-for lim, val in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_CPU, cpu),
-                 (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_NPROC, nproc)):
-    soft, hard = resource.getrlimit(lim)
-    if hard != resource.RLIM_INFINITY:
-        val = min(val, hard)
-    resource.setrlimit(lim, (val, val))
-try:
-    import ctypes
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    prctl(38, 1, 0, 0, 0)                 # PR_SET_NO_NEW_PRIVS
-except Exception:
-    prctl = None
-if uid >= 0:
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
-    if 0 in os.getresuid() + os.getresgid():
-        sys.exit("sandbox launcher: could not drop root privileges; refusing to run")
-if ppid > 0:   # die with the caller (set after the uid change, which would clear it)
-    if prctl is None or prctl(1, 9, 0, 0, 0) != 0:   # PR_SET_PDEATHSIG, SIGKILL
-        sys.exit("sandbox launcher: PR_SET_PDEATHSIG failed; refusing to run")
-    if os.getppid() != ppid:
-        sys.exit("sandbox launcher: the caller is gone")
-os.chdir(wd)
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-os.execv(cmd[0], cmd)
-"""
+# The first process of every run (limits, uid drop, seccomp, the rlimits supervisor): a plain module,
+# started with `python -I -S -c <its text>` so that no file of ours needs to be readable by the sandbox uid.
+LAUNCHER_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_launcher.py")
 
 # The rlimits sandbox runs this file (copied into the working directory as RUNNER_NAME) instead
 # of the program: it compiles the program, installs the audit-hook guard and executes the program
@@ -159,6 +144,12 @@ RUNNER_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbo
 
 
 # --------------------------------------------------------------------------- helpers
+
+@functools.lru_cache(maxsize=None)
+def _launcher_source() -> str:
+    with open(LAUNCHER_SOURCE, encoding="utf-8") as f:
+        return f.read()
+
 
 def _is_root() -> bool:
     return os.geteuid() == 0
@@ -435,9 +426,11 @@ def _bwrap_command(workdir: str, uid: int, launcher_args: Sequence[str]) -> List
             _expose(cmd, top, dirs)
     cmd += ["--perms", "0755", "--tmpfs", "/tmp"]
     if workdir.startswith("/tmp/"):
-        _expose(cmd, "/tmp", [workdir], bind="--bind")
+        _expose(cmd, "/tmp", [workdir])
     else:
-        cmd += ["--bind", workdir, workdir]
+        cmd += ["--ro-bind", workdir, workdir]
+    # the program's files are read-only; what it writes goes to a private tmpfs of bounded size
+    cmd += ["--perms", "0777", "--size", str(WORK_DIR_BYTES), "--tmpfs", os.path.join(workdir, WORK_NAME)]
     # an interpreter (e.g. a venv) living under /tmp stays visible
     _expose(cmd, "/tmp", [d for d in _python_dirs() if d.startswith("/tmp/")])
     cmd += [
@@ -454,13 +447,27 @@ def _bwrap_command(workdir: str, uid: int, launcher_args: Sequence[str]) -> List
         # only needs the capabilities to switch to the sandbox uid.
         cmd += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
-        cmd += ["--unshare-user"]
+        cmd += ["--unshare-user"] + (["--disable-userns"] if _bwrap_can_disable_userns() else [])
     return cmd + ["--"] + list(launcher_args)
+
+
+@functools.lru_cache(maxsize=None)
+def _bwrap_can_disable_userns() -> bool:
+    """bubblewrap >= 0.8 can forbid nested user namespaces itself (with --unshare-user only; the
+    launcher's seccomp filter forbids them in every mode)."""
+    try:
+        return "--disable-userns" in subprocess.run([_bwrap_path() or "bwrap", "--help"], capture_output=True,
+                                                    text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _write_workdir(workdir: str, program: str, kind: str, check: bool) -> List[str]:
     """Write the program (and, for "rlimits" or a run_tests check, a copy of the runner) into
-    `workdir`, readable by the sandbox uid; return the script and arguments to run."""
+    `workdir`, readable by the sandbox uid, and make its work directory (WORK_NAME, the only
+    place the program may write); return the script and arguments to run."""
+    os.mkdir(os.path.join(workdir, WORK_NAME))
+    os.chmod(workdir, 0o755)
     prog_path = os.path.join(workdir, PROGRAM_NAME)
     with open(prog_path, "w", encoding="utf-8") as f:
         f.write(program)
@@ -469,9 +476,10 @@ def _write_workdir(workdir: str, program: str, kind: str, check: bool) -> List[s
         runner = os.path.join(workdir, RUNNER_NAME)
         shutil.copyfile(RUNNER_SOURCE, runner)
         # fork budget -1: bwrap contains the program; the runner only guards the check's secret
-        script = [runner, workdir, prog_path, str(FORK_BUDGET if kind == "rlimits" else -1)]
-    for name in os.listdir(workdir):
-        os.chmod(os.path.join(workdir, name), 0o644)
+        script = [runner, os.path.join(workdir, WORK_NAME), prog_path, str(FORK_BUDGET if kind == "rlimits" else -1)]
+    for name in (PROGRAM_NAME, RUNNER_NAME):
+        if os.path.exists(os.path.join(workdir, name)):
+            os.chmod(os.path.join(workdir, name), 0o644)
     return script
 
 
@@ -491,12 +499,78 @@ def _remove_stale_workdirs() -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _tree_bytes(root: int) -> int:
+    """Resident memory of process `root` and every process below it. A run is one tree: bwrap's pid
+    namespace, or the rlimits launcher, a child subreaper, adopt its orphans (see sandbox_launcher)."""
+    children: Dict[int, List[int]] = {}
+    pages: Dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(b")") + 2:].split()   # state, ppid, ..., rss (field 24)
+        children.setdefault(int(fields[1]), []).append(int(name))
+        pages[int(name)] = int(fields[21])
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += pages.get(pid, 0)
+        todo += children.get(pid, [])
+    return total * os.sysconf("SC_PAGE_SIZE")
+
+
+def _dir_usage(path: str):
+    """(bytes on disk, entries) below `path`, counting stops past MAX_WORK_FILES entries."""
+    size, entries, todo = 0, 0, [path]
+    while todo and entries <= MAX_WORK_FILES:
+        try:
+            with os.scandir(todo.pop()) as found:
+                for entry in found:
+                    entries += 1
+                    st = entry.stat(follow_symlinks=False)
+                    size += st.st_blocks * 512
+                    if stat.S_ISDIR(st.st_mode):
+                        todo.append(entry.path)
+        except OSError:
+            continue
+    return size, entries
+
+
+def _over_limits(pid: int, memory: int, work: Optional[str], ended: bool) -> str:
+    """Why the run must be stopped now, or "": its processes together hold more than `memory` bytes,
+    or (`work`: the rlimits backend; looked at once more after the run) its work directory outgrew
+    WORK_DIR_BYTES / MAX_WORK_FILES."""
+    if not ended and _tree_bytes(pid) > memory:
+        return f"the run's processes together held more than {memory >> 20} MB"
+    if work is not None:
+        size, entries = _dir_usage(work)
+        if size > WORK_DIR_BYTES or entries > MAX_WORK_FILES:
+            return f"the run stored more than {WORK_DIR_BYTES >> 20} MB or {MAX_WORK_FILES} files in its work directory"
+    return ""
+
+
+def _watch(pid: int, timeout: float, memory: int, work: Optional[str]):
+    """Wait for the run led by `pid` to end, looking at it every WATCH_INTERVAL (_over_limits).
+    -> (timed_out, why it must be stopped, or "")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        ended = _wait_exit(pid, min(WATCH_INTERVAL, max(0.0, left)))
+        why = _over_limits(pid, memory, work, ended)
+        if ended or why or left <= 0:
+            return not (ended or why), why
+
+
 def _run_process(argv: List[str], workdir: str, stdin: str, timeout: float, uid: int,
-                 pass_fds: List[int]):
-    """Run the sandbox command; kill whatever is left of it. -> (returncode, timed_out,
-    duration, stdout, stderr)."""
+                 pass_fds: List[int], memory: int, watch_dir: Optional[str]):
+    """Run the sandbox command, watched (see _watch); kill whatever is left of it.
+    -> (returncode, timed_out, why it was stopped or "", duration, stdout, stderr)."""
     proc = None
-    timed_out = False
+    timed_out, why = False, ""
     try:
         with tempfile.TemporaryFile() as inp, tempfile.TemporaryFile() as out, \
                 tempfile.TemporaryFile() as err:
@@ -504,13 +578,12 @@ def _run_process(argv: List[str], workdir: str, stdin: str, timeout: float, uid:
             inp.seek(0)
             start = time.monotonic()
             proc = subprocess.Popen(argv, stdin=inp, stdout=out, stderr=err,
-                                    cwd=workdir, env=_scrubbed_env(workdir), pass_fds=pass_fds,
+                                    cwd=workdir, env=_scrubbed_env(os.path.join(workdir, WORK_NAME)), pass_fds=pass_fds,
                                     start_new_session=True, close_fds=True)
             while pass_fds:            # the sandbox has its copies now
                 os.close(pass_fds.pop())
             try:
-                if not _wait_exit(proc.pid, timeout):
-                    timed_out = True
+                timed_out, why = _watch(proc.pid, timeout, memory, watch_dir)
             finally:
                 # The leader is dead (or about to be) but not yet reaped, so its pid, group and
                 # session ids cannot be reused: kill everything that is left, then reap.
@@ -531,7 +604,7 @@ def _run_process(argv: List[str], workdir: str, stdin: str, timeout: float, uid:
             except (ProcessLookupError, PermissionError):
                 pass
             proc.wait()
-    return returncode, timed_out, duration, stdout, stderr
+    return returncode, timed_out, why, duration, stdout, stderr
 
 
 def _execute(program: str, timeout: float, memory_mb: int, kind: str,
@@ -558,19 +631,21 @@ def _execute(program: str, timeout: float, memory_mb: int, kind: str,
             os.write(wfd, check[1])
             os.close(wfd)
             script += [check[0], str(rfd)]
+        work = os.path.join(workdir, WORK_NAME)
         if uid >= 0:
-            os.chown(workdir, uid, uid)
+            os.chown(work, uid, uid)
             nproc = NPROC_MARGIN
         else:
             nproc = _count_user_processes(os.getuid()) + NPROC_MARGIN
         ppid = os.getpid() if kind == "rlimits" else -1   # bwrap: --die-with-parent
-        launcher = [python, "-I", "-S", "-c", _LAUNCHER,
+        launcher = [python, "-I", "-S", "-c", _launcher_source(),
                     str(math.ceil(timeout) + 1), str(int(memory_mb) * 1024**2),
-                    str(FILE_SIZE_LIMIT), str(nproc), str(uid), str(ppid), workdir,
+                    str(FILE_SIZE_LIMIT), str(nproc), str(uid), str(ppid), work,
                     python, "-I", "-B", "-u", *script]
         argv = _bwrap_command(workdir, uid, launcher) if kind == "bwrap" else launcher
-        returncode, timed_out, duration, stdout, stderr = _run_process(
-            argv, workdir, stdin, timeout, uid, pass_fds)
+        returncode, timed_out, why, duration, stdout, stderr = _run_process(
+            argv, workdir, stdin, timeout, uid, pass_fds, int(memory_mb) * 1024**2,
+            work if kind == "rlimits" else None)
     finally:
         for fd in pass_fds:
             os.close(fd)
@@ -579,10 +654,12 @@ def _execute(program: str, timeout: float, memory_mb: int, kind: str,
     cpu_killed = returncode in tuple(-s for s in _TIMEOUT_SIGNALS) + tuple(128 + s for s in _TIMEOUT_SIGNALS)
     if timed_out or cpu_killed:
         status = "timeout"
-    elif returncode == 0:
+    elif returncode == 0 and not why:
         status = "passed"
     else:
         status = "failed"
+    if why:
+        stderr += f"\nsandbox: {why}; the run was killed\n"
     return ExecResult(status=status, returncode=returncode, stdout=stdout, stderr=stderr,
                       duration=duration, sandbox=kind, workdir=workdir)
 

@@ -469,7 +469,7 @@ def test_runner_is_copied_and_runs_the_program_as_main():
     runner_text = RUNNER.read_text(encoding="utf-8")
     result = run(f"""
         import os
-        print(open(os.path.join(os.getcwd(), "_sandbox_main.py"), encoding="utf-8").read() == {runner_text!r})
+        print(open(os.path.join(os.path.dirname(__file__), "_sandbox_main.py"), encoding="utf-8").read() == {runner_text!r})
         print(sys.argv == [__file__], os.path.basename(__file__), __name__, __doc__)
         print(sys.modules["__main__"].__dict__ is globals())
         print(sorted(n for n in globals() if not n.startswith("__")))
@@ -661,20 +661,21 @@ def test_guard_one_liners_are_refused(sandbox, how):
             os.remove(target)
 
 
-@pytest.mark.skipif("rlimits" not in SANDBOXES, reason="the rlimits sandbox cannot run here")
-def test_program_dies_with_its_killed_caller_and_its_workdir_is_swept():
+def test_program_and_its_children_die_with_the_killed_caller_and_the_workdir_is_swept(sandbox):
+    """The caller is SIGKILLed mid-run: the program and a child it forked (and left to be
+    re-parented) die too; the next run removes the dead caller's working directory."""
+    program = "import os, time\nif os.fork() == 0:\n    time.sleep(60)\n    os._exit(0)\nprint('up', flush=True)\ntime.sleep(60)\n"
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT)!r})
         from codegen.execution import check_program
-        check_program("import time\\nprint('up', flush=True)\\ntime.sleep(60)", sandbox="rlimits",
-                      timeout=60)
+        check_program({program!r}, sandbox={sandbox!r}, timeout=60)
     """)
     helper = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     marker = f"/{execution.WORKDIR_PREFIX}{helper.pid}-"
     try:
         deadline = time.monotonic() + 60
-        while not processes_with(marker + "") or not list(Path("/tmp").glob(marker[1:] + "*")):
+        while len(processes_with(marker)) < 2 or not list(Path("/tmp").glob(marker[1:] + "*")):
             assert time.monotonic() < deadline, "the helper's program never started"
             time.sleep(0.1)
         time.sleep(0.5)
@@ -685,9 +686,82 @@ def test_program_dies_with_its_killed_caller_and_its_workdir_is_swept():
             assert time.monotonic() < deadline, "the program outlived its killed caller"
             time.sleep(0.1)
         assert list(Path("/tmp").glob(marker[1:] + "*")), "expected the killed run's workdir"
-        execution.check_program("pass", sandbox="rlimits")
+        execution.check_program("pass", sandbox=sandbox)
         assert not list(Path("/tmp").glob(marker[1:] + "*")), "stale workdir not removed"
     finally:
         if helper.poll() is None:
             os.kill(helper.pid, signal.SIGKILL)
             helper.wait()
+
+
+# ------------------------------------------------------------------------------------------
+# Whole-run limits: memory and storage of the process tree, no nested user namespaces
+# ------------------------------------------------------------------------------------------
+
+def test_memory_is_bounded_for_the_whole_run(sandbox):
+    """Six children of 150 MB each stay under the per-process limit (512 MB of address space)
+    but not under the run's: the watchdog kills the run well before its timeout."""
+    result = run("""
+        import os, time
+        for i in range(6):
+            if os.fork() == 0:
+                block = b"x" * (150 * 1024**2)
+                time.sleep(30)
+                os._exit(0)
+        print("CHILDREN STARTED", flush=True)
+        time.sleep(30)
+        print("NOT KILLED")
+    """, sandbox, memory_mb=512, timeout=25)
+    assert result.status == "failed", result
+    assert "together held more than 512 MB" in result.stderr
+    assert "NOT KILLED" not in result.stdout and result.duration < 20
+    assert_nothing_left(result)
+
+
+def test_what_a_run_stores_is_bounded(sandbox):
+    """100 files of 1 MB (each under the file-size limit) do not fit the run's work directory:
+    a private tmpfs of WORK_DIR_BYTES under bwrap, a watched directory under rlimits."""
+    result = run("""
+        import time
+        for i in range(100):
+            with open(f"part{i}.bin", "wb") as f:
+                f.write(b"x" * 1024**2)
+        print("WROTE 100 MB", flush=True)
+        time.sleep(5)
+    """, sandbox, timeout=20)
+    assert result.status == "failed", result
+    assert execution.WORK_DIR_BYTES < 100 * 1024**2
+    if sandbox == "bwrap":
+        assert "No space left on device" in result.stderr and "WROTE 100 MB" not in result.stdout
+    else:
+        assert "stored more than 64 MB" in result.stderr
+    assert_nothing_left(result)
+
+
+def test_no_nested_user_namespaces(sandbox):
+    """unshare(CLONE_NEWUSER) would make the program root of a namespace of its own (where the
+    kernel lifts RLIMIT_NPROC): the launcher's seccomp filter refuses it (the rlimits guard also
+    refuses ctypes)."""
+    result = run("""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        print(libc.unshare(0x10000000), ctypes.get_errno() == 1)
+    """, sandbox)
+    if sandbox == "bwrap":
+        assert result.passed and result.stdout == "-1 True\n", result
+    else:
+        assert result.status == "failed" and "sandbox:" in result.stderr
+
+
+def test_launcher_filter_refuses_user_namespaces_on_its_own(tmp_path):
+    """The launcher alone (no bwrap, no guard, no uid change): clone and unshare with
+    CLONE_NEWUSER fail with EPERM, ordinary forks and subprocesses still work."""
+    program = ("import ctypes, os, subprocess, sys\n"
+               "libc = ctypes.CDLL(None, use_errno=True)\n"
+               "print(libc.unshare(0x10000000), ctypes.get_errno())\n"
+               "print(subprocess.run([sys.executable, '-c', 'print(7)'], capture_output=True, text=True).stdout.strip())\n")
+    launcher = [sys.executable, "-I", "-S", "-c", execution._launcher_source(), "10", str(2 * 1024**3),
+                str(2**20), "64", "-1", "-1", str(tmp_path), sys.executable, "-c", program]
+    proc = subprocess.run(launcher, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["-1", "1", "7"]
