@@ -6,8 +6,10 @@
 Test set (codegen.data records: "prompt" = def line + docstring, "code" = the body): the greedy
 completion of each prompt is compared with the reference body by exact match, chrF and BLEU (corpus,
 0-100), ROUGE-L (mean F1, 0-1), the rate of prompt + completion that parses (ast.parse), and the rate
-that runs: prompt + completion executed in the sandbox (codegen.execution.check_program) defines
-its function and exits without error. APPS records (an "io" field with the task's test inputs and
+that runs without error: prompt + completion executed in the sandbox (codegen.execution.check_program)
+defines its function and exits cleanly (no test is run: this is not correctness). A blank completion
+never counts. Prompts that do not fit the model's context with --max_new_tokens keep their last tokens
+(decoding.fit_context); a warning line says how many. APPS records (an "io" field with the task's test inputs and
 outputs; the prompt is prose) are whole programs: generation stops only at EOS or the length limit,
 and the completion alone runs once per test, input on stdin, passing when every output matches.
 
@@ -38,6 +40,7 @@ from codegen.metrics import bleu, chrf, exact_match, pass_at_k, rouge_l, syntax_
 from utils import UsageError
 
 DEFAULT_DATA = "data/codegen/test.jsonl"
+BLANK = execution.ExecResult("failed", None, "", "blank completion: nothing to run", 0.0, "none")
 HUMANEVAL_KEYS = ("task_id", "prompt", "test", "entry_point")
 SANDBOX_WARNING = ("!!! generated code was executed WITHOUT the bubblewrap sandbox (sandbox: {kind}): only "
                    "resource limits and in-process audit hooks, which do NOT reliably isolate the file system "
@@ -123,11 +126,14 @@ def score_samples(records: Sequence[dict], completions: Sequence[str], timeout: 
     """Score one completion per record against record["code"].
 
     Returns {"metrics": {...}, "counts": {...}, "samples": [one dict per record]}. Metrics:
-    exact_match, syntax_valid_rate and exec_pass_rate in [0, 1]; chrf and bleu (corpus) on 0-100;
-    rouge_l the mean F1 in [0, 1]. A program is prompt + completion; it passes when it runs in the
-    sandbox without error within `timeout` seconds. A record with "io" (APPS: the prompt is a task
-    in prose) is a whole program instead: the completion alone, run once per test with its input on
-    stdin, passes when every output matches (codegen.execution.run_io_tests)."""
+    exact_match and syntax_valid_rate in [0, 1]; chrf and bleu (corpus) on 0-100; rouge_l the mean F1
+    in [0, 1]; and what execution measured, each None when no record is of its kind:
+    runs_without_error_rate, for records without tests: prompt + completion (which only defines a
+    function) runs in the sandbox without error within `timeout` seconds; tests_pass_rate, for
+    records with tests ("io", APPS: the prompt is a task in prose): the completion alone is a whole
+    program, run once per test with its input on stdin, passing when every output matches
+    (codegen.execution.run_io_tests). A blank or whitespace-only completion is never run and never
+    counts as passing."""
     if len(records) != len(completions):
         raise ValueError(f"{len(records)} records but {len(completions)} completions")
     if not records:
@@ -135,6 +141,8 @@ def score_samples(records: Sequence[dict], completions: Sequence[str], timeout: 
     programs = [c if "io" in r else r["prompt"] + c for r, c in zip(records, completions)]
 
     def run(i):
+        if not completions[i].strip():
+            return BLANK
         io = records[i].get("io")
         if io:
             return execution.run_io_tests(programs[i], io["inputs"], io["outputs"], timeout=timeout,
@@ -162,11 +170,16 @@ def score_samples(records: Sequence[dict], completions: Sequence[str], timeout: 
             "exec_error": _last_line(result.stderr) if not result.passed else None,
         })
     n = len(samples)
+    tested = ["io" in r for r in records]
     counts = {
         "records": n,
         "exact_match": sum(s["exact_match"] for s in samples),
         "syntax_valid": sum(s["syntax_valid"] for s in samples),
-        "exec_passed": sum(s["exec_status"] == "passed" for s in samples),
+        "untested": n - sum(tested),
+        "ran_without_error": sum(s["exec_passed"] for s, t in zip(samples, tested) if not t),
+        "tested": sum(tested),
+        "tests_passed": sum(s["exec_passed"] for s, t in zip(samples, tested) if t),
+        "blank": sum(r is BLANK for r in results),
         "exec_failed": sum(s["exec_status"] == "failed" for s in samples),
         "exec_timeout": sum(s["exec_status"] == "timeout" for s in samples),
     }
@@ -176,7 +189,8 @@ def score_samples(records: Sequence[dict], completions: Sequence[str], timeout: 
         "bleu": bleu(list(completions), refs),
         "rouge_l": sum(s["rouge_l"] for s in samples) / n,
         "syntax_valid_rate": counts["syntax_valid"] / n,
-        "exec_pass_rate": counts["exec_passed"] / n,
+        "runs_without_error_rate": counts["ran_without_error"] / counts["untested"] if counts["untested"] else None,
+        "tests_pass_rate": counts["tests_passed"] / counts["tested"] if counts["tested"] else None,
     }
     return {"metrics": metrics, "counts": counts, "samples": samples}
 
@@ -210,6 +224,16 @@ def humaneval_metrics(results: Sequence[dict], ks: Sequence[int]) -> dict:
 # Generation + execution
 
 
+def warn_long_prompts(tokenizer, prompts: Sequence[str], max_new_tokens: int, max_seq_len: int) -> int:
+    """How many prompts (with max_new_tokens) overflow the context; one warning line on stderr if any."""
+    long = sum(len(tokenizer.encode(p, bos=True, eos=False)) + max_new_tokens > max_seq_len for p in prompts)
+    if long:
+        print(f"warning: {long} of {len(prompts)} prompts do not fit the model's context of {max_seq_len} tokens "
+              f"with --max_new_tokens {max_new_tokens}: they keep their last tokens (lower --max_new_tokens to keep "
+              "more)", file=sys.stderr)
+    return long
+
+
 def evaluate_test_set(model, tokenizer, records, max_new_tokens, timeout, memory_mb, workers, progress=True,
                       compile=False) -> dict:
     completions = []
@@ -235,6 +259,8 @@ def evaluate_humaneval(model, tokenizer, problems, n_samples, ks, temperature, t
 
     def run(job):
         problem = problems[job[0]]
+        if not job[2].strip():
+            return BLANK
         return execution.run_tests(problem["prompt"] + job[2], problem["test"], problem["entry_point"],
                                    timeout=timeout, memory_mb=memory_mb)
 
@@ -281,8 +307,14 @@ def summary_table(report: dict) -> str:
                  ("  chrF (0-100)", f"{m['chrf']:7.2f}"),
                  ("  BLEU (0-100)", f"{m['bleu']:7.2f}"),
                  ("  ROUGE-L (0-1)", f"{m['rouge_l']:7.4f}"),
-                 ("  syntax valid", _fmt_rate(m["syntax_valid_rate"], c["syntax_valid"], n)),
-                 ("  execution pass", _fmt_rate(m["exec_pass_rate"], c["exec_passed"], n))]
+                 ("  syntax valid", _fmt_rate(m["syntax_valid_rate"], c["syntax_valid"], n))]
+        if c["untested"]:
+            rows.append(("  runs without error (no tests)",
+                         _fmt_rate(m["runs_without_error_rate"], c["ran_without_error"], c["untested"])))
+        if c["tested"]:
+            rows.append(("  passes its tests", _fmt_rate(m["tests_pass_rate"], c["tests_passed"], c["tested"])))
+        if c["blank"]:
+            rows.append(("  blank completions", f"{c['blank']} (never run, never passing)"))
     he = report.get("humaneval")
     if he and he.get("skipped"):
         rows.append(("HumanEval", f"skipped: {he['reason']}"))
@@ -392,8 +424,11 @@ def _report_header(args, ks, device, sandbox, data_path) -> dict:
                    "rates and pass@k": "0-1"},
         "definitions": {
             "syntax_valid_rate": "prompt + completion parses (ast.parse)",
-            "exec_pass_rate": "prompt + completion runs in the sandbox without error (defines the function; "
-                              "no tests are run, so an empty body passes too)",
+            "runs_without_error_rate": "records without tests: prompt + completion runs in the sandbox without "
+                                       "error (it only defines the function: this is not a test of correctness)",
+            "tests_pass_rate": "records with tests (APPS): the completion, run on each test input, prints every "
+                               "expected output",
+            "blank completions": "never run, never passing",
             "pass@1_greedy": "HumanEval problems whose greedy completion passes the problem's tests",
             "pass@k": "unbiased estimator 1 - C(n-c, k) / C(n, k) from n sampled completions, c passing",
         },
@@ -417,6 +452,8 @@ def run(args) -> int:
     if sandbox != "bwrap":
         print(report["sandbox_warning"], file=sys.stderr)
     samples: List[dict] = []
+    prompts = [r["prompt"] for r in records or []] + [p["prompt"] for p in problems or []]
+    warn_long_prompts(tokenizer, prompts, args.max_new_tokens, model.config.max_seq_len)
     if records is not None:
         scored = evaluate_test_set(model, tokenizer, records, args.max_new_tokens, args.timeout, args.memory_mb,
                                    args.workers, progress, compile=args.compile)

@@ -33,6 +33,7 @@ import torch
 from decoding import decode, fit_context, keep_last, make_sampler
 from utils import UsageError
 
+DEFAULT_NEW_TOKENS = 256   # code_generate's --max_new_tokens when the context leaves room for it
 _WHITESPACE = " \t\f\r\n\v"
 _ANCHOR_TOKENS = 8  # prompt tokens decoded with the new ones, so their leading space survives decode
 
@@ -333,7 +334,9 @@ def add_arguments(parser):
                        help="fill in the middle: the code after the hole (the prompt is the code before it); "
                             "needs a model trained with --fim_rate > 0")
     group.add_argument("--suffix_file", default=None, help="read --suffix from this file")
-    group.add_argument("--max_new_tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    group.add_argument("--max_new_tokens", type=int, default=None,
+                       help="most tokens to generate; the prompt and these must fit the model's context "
+                            f"(default {DEFAULT_NEW_TOKENS}, or what the context leaves)")
     group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     group.add_argument("--top_p", type=float, default=None,
                        help="nucleus sampling with this p (with --temperature > 0); default: epsilon sampling")
@@ -370,13 +373,34 @@ def _read_inputs(args):
     return prompt, suffix
 
 
+def budget_in_context(tokenizer, prompt: str, suffix: Optional[str], max_new_tokens: Optional[int],
+                      max_seq_len: int) -> int:
+    """--max_new_tokens checked against the context: a UsageError when the prompt (and suffix) with the
+    tokens asked for do not fit; None: DEFAULT_NEW_TOKENS, or what the context leaves."""
+    n = len(tokenizer.encode(prompt, bos=True, eos=False))
+    if suffix is not None:   # BOS [PRE] prefix [SUF] suffix [MID]
+        n += len(tokenizer.encode(suffix, bos=False, eos=False)) + 3
+    what = "the prompt and suffix take" if suffix is not None else "the prompt takes"
+    if n >= max_seq_len:
+        raise UsageError(f"{what} {n:,} tokens; the model's context is {max_seq_len:,}: shorten it")
+    if max_new_tokens is None:
+        return min(DEFAULT_NEW_TOKENS, max_seq_len - n)
+    if n + max_new_tokens > max_seq_len:
+        raise UsageError(f"{what} {n:,} tokens and --max_new_tokens asks for {max_new_tokens:,} more; the "
+                         f"model's context is {max_seq_len:,}: lower --max_new_tokens to {max_seq_len - n:,} or less, "
+                         "or shorten the prompt")
+    return max_new_tokens
+
+
 def run(args) -> int:
     from codegen.common import start
 
-    _check_max_new_tokens(args.max_new_tokens)
+    if args.max_new_tokens is not None:
+        _check_max_new_tokens(args.max_new_tokens)
     make_sampler(args.temperature, epsilon=args.epsilon, top_p=args.top_p, top_k=args.top_k)  # checks the settings
     prompt, suffix = _read_inputs(args)
     device, model, tokenizer = start(args)
+    max_new_tokens = budget_in_context(tokenizer, prompt, suffix, args.max_new_tokens, model.config.max_seq_len)
     if suffix is not None:
         from codegen.infill import sentinels_of
 
@@ -390,7 +414,7 @@ def run(args) -> int:
     if args.echo_prompt:
         write(prompt)
     try:
-        result = generate_completions(model, tokenizer, prompt, 1, args.max_new_tokens, args.temperature,
+        result = generate_completions(model, tokenizer, prompt, 1, max_new_tokens, args.temperature,
                                       args.top_p, args.epsilon, generator, on_text=write, suffix=suffix,
                                       top_k=args.top_k, compile=args.compile)[0]
     except KeyboardInterrupt:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from codegen import evaluate
-from codegen.evaluate import humaneval_metrics, load_humaneval, parse_ks, score_samples
+from codegen.evaluate import humaneval_metrics, load_humaneval, parse_ks, score_samples, summary_table, warn_long_prompts
 from codegen.metrics import pass_at_k
 from config import LlamaConfig
 from conftest import ROOT, asset_path
@@ -51,7 +51,8 @@ def test_score_samples_with_known_completions():
     assert [s["syntax_valid"] for s in scored["samples"]] == [True, True, False, True, True]
     assert [s["exact_match"] for s in scored["samples"]] == [True, False, False, False, False]
     m, c = scored["metrics"], scored["counts"]
-    assert m["exec_pass_rate"] == pytest.approx(2 / 5) and c["exec_passed"] == 2
+    assert m["runs_without_error_rate"] == pytest.approx(2 / 5) and c["ran_without_error"] == 2
+    assert c["untested"] == 5 and c["tested"] == 0 and m["tests_pass_rate"] is None
     assert c["exec_failed"] == 2 and c["exec_timeout"] == 1 and c["records"] == 5
     assert m["syntax_valid_rate"] == pytest.approx(4 / 5)
     assert m["exact_match"] == pytest.approx(1 / 5)
@@ -63,10 +64,30 @@ def test_score_samples_with_known_completions():
         score_samples(records, completions[:2])
 
 
+def test_blank_completions_never_pass():
+    """An empty body after a docstring prompt runs fine (the docstring is a body), and a HumanEval
+    check can be fooled by one: blank and whitespace-only completions are never run, never passing."""
+    apps = {"prompt": "Print nothing.\n", "code": "pass\n", "io": {"inputs": [""], "outputs": [""]}}
+    scored = score_samples([RECORDS[0], RECORDS[1], apps], ["", " \n\t\n", "\n"], timeout=2.0)
+    assert [s["exec_passed"] for s in scored["samples"]] == [False, False, False]
+    assert all("blank completion" in s["exec_error"] for s in scored["samples"])
+    c, m = scored["counts"], scored["metrics"]
+    assert c["blank"] == 3 and m["runs_without_error_rate"] == 0.0 and m["tests_pass_rate"] == 0.0
+    assert "blank completions" in summary_table({"model": "m", "sandbox": "bwrap", "test_set": scored})
+
+
+def test_long_prompts_are_counted_in_one_warning(capsys):
+    class Words:
+        def encode(self, text, bos, eos):
+            return [0] * bos + text.split()
+    assert warn_long_prompts(Words(), ["a b c", "a " * 300, "x"], 8, 64) == 1
+    assert "1 of 3 prompts do not fit the model's context of 64 tokens" in capsys.readouterr().err
+
+
 def test_perfect_completions_score_perfectly():
     scored = score_samples(RECORDS, [r["code"] for r in RECORDS], timeout=5.0, workers=2)
     m = scored["metrics"]
-    assert m["exact_match"] == 1.0 and m["exec_pass_rate"] == 1.0 and m["syntax_valid_rate"] == 1.0
+    assert m["exact_match"] == 1.0 and m["runs_without_error_rate"] == 1.0 and m["syntax_valid_rate"] == 1.0
     assert m["chrf"] == pytest.approx(100.0) and m["bleu"] == pytest.approx(100.0) and m["rouge_l"] == pytest.approx(1.0)
 
 
@@ -170,9 +191,11 @@ def test_code_eval_end_to_end(workdir):
     assert (report["sandbox_warning"] is None) == (report["sandbox"] == "bwrap")
     assert report["settings"]["max_new_tokens"] == 8 and report["settings"]["k"] == [1, 2, 10]
     test = report["test_set"]
-    assert set(test["metrics"]) == {"exact_match", "chrf", "bleu", "rouge_l", "syntax_valid_rate", "exec_pass_rate"}
+    assert set(test["metrics"]) == {"exact_match", "chrf", "bleu", "rouge_l", "syntax_valid_rate",
+                                    "runs_without_error_rate", "tests_pass_rate"}
     assert test["counts"]["records"] == 10
-    assert all(0 <= test["metrics"][k] <= 1 for k in ("exact_match", "rouge_l", "syntax_valid_rate", "exec_pass_rate"))
+    assert all(0 <= test["metrics"][k] <= 1
+               for k in ("exact_match", "rouge_l", "syntax_valid_rate", "runs_without_error_rate"))
     assert 0 <= test["metrics"]["chrf"] <= 100 and 0 <= test["metrics"]["bleu"] <= 100
 
     test_samples = [s for s in samples if s["source"] == "test"]
@@ -182,7 +205,8 @@ def test_code_eval_end_to_end(workdir):
         assert s["exec_status"] in ("passed", "failed", "timeout")
         assert {"exact_match", "chrf", "bleu", "rouge_l", "syntax_valid"} <= set(s)
     passed = sum(s["exec_status"] == "passed" for s in test_samples)
-    assert test["metrics"]["exec_pass_rate"] == pytest.approx(passed / 10)
+    assert test["metrics"]["runs_without_error_rate"] == pytest.approx(passed / 10)
+    assert "runs without error (no tests)" in result.stdout and "execution pass" not in result.stdout
 
     he = report["humaneval"]
     assert he["skipped"] is False and he["metrics"]["problems"] == 2 and he["metrics"]["n_samples"] == 3

@@ -99,9 +99,9 @@ def tokenizer():
     return CodeTokenizer(str(asset_path("tokenizer.model")))
 
 
-def tiny_code_model(seed=0, max_seq_len=512):
+def tiny_code_model(seed=0, max_seq_len=512, vocab_size=32000):
     torch.manual_seed(seed)
-    return Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, multiple_of=8,
+    return Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=8,
                              max_seq_len=max_seq_len)).eval()
 
 
@@ -262,6 +262,34 @@ def test_code_models_are_causal(tmp_path, tokenizer):
     result = run_cli(tmp_path, "--pretrained-model-path", "tiny.pt", "--prompt", "def f():\n", "--no-causal")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("error: --no-causal: --option code_generate predicts the next token")
+
+
+def test_code_generate_refuses_what_does_not_fit_the_context(tmp_path, tokenizer):
+    """A prompt longer than the context, or a --max_new_tokens it leaves no room for: exit 2 naming
+    the flag, nothing printed. Without --max_new_tokens the budget is what the context leaves."""
+    model = tiny_code_model(seed=3)
+    save_stories_pt(model, tmp_path / "tiny.pt")
+    tok = str(asset_path("tokenizer.model"))
+    context = model.config.max_seq_len
+    base = ("--pretrained-model-path", "tiny.pt", "--tokenizer", tok)
+    huge = run_cli(tmp_path, *base, "--prompt", "-", stdin="x = 1\n" * 1_000_000 + "def f():\n")
+    assert huge.returncode == 2 and huge.stdout == "", huge.stderr
+    assert huge.stderr.startswith("error: the prompt takes") and f"context is {context}" in huge.stderr
+    too_many = run_cli(tmp_path, *base, "--prompt", PROMPT, "--max_new_tokens", str(context))
+    assert too_many.returncode == 2 and too_many.stdout == ""
+    assert "lower --max_new_tokens to" in too_many.stderr
+    fits = run_cli(tmp_path, *base, "--prompt", PROMPT, "--temperature", "0.8", "--seed", "1")
+    assert fits.returncode == 0, fits.stderr
+
+
+def test_code_options_refuse_a_tokenizer_larger_than_the_vocabulary(tmp_path):
+    """A checkpoint with fewer embedding rows than the tokenizer's ids (e.g. stories260K's 512 with
+    the 32000-piece tokenizer.model) would fail inside the embedding lookup: exit 2 up front."""
+    save_stories_pt(tiny_code_model(seed=3, vocab_size=512), tmp_path / "small_vocab.pt")
+    result = run_cli(tmp_path, "--pretrained-model-path", "small_vocab.pt", "--tokenizer",
+                     str(asset_path("tokenizer.model")), "--prompt", "def f():\n")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "vocabulary has 512 tokens, fewer than the tokenizer's 32000" in result.stderr
 
 
 def test_code_generate_cli_missing_checkpoint(tmp_path):
