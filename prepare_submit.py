@@ -1,14 +1,17 @@
 """Build, or verify, the zip graded for the Mini-Llama assignment (standard library only).
 
     python prepare_submit.py --name SURNAME1_SURNAME2 [--dir .] [--out SURNAME1_SURNAME2.zip]
-    python prepare_submit.py --check SURNAME1_SURNAME2.zip [--name SURNAME1_SURNAME2]
+    python prepare_submit.py --check SURNAME1_SURNAME2.zip [--name SURNAME1_SURNAME2] [--data_dir data]
 
 The zip holds a single folder named after --name with every file of the assignment's "Submission" list,
 plus the project's other top-level .py files and requirements.txt. Checkpoints, data/, tests/, bench/,
 codegen/, caches and other zips never go in. A build with files missing writes nothing and lists, for
-each missing file, how to produce it. Exit status: 0 ok, 1 missing or malformed files, 2 bad usage.
+each missing file, how to produce it. Every <data>-<split>-<setting>-output.txt is compared with its
+data file (--data_dir, default <dir>/data): one line per example, the same sentences in the same order,
+predicted labels among the label-mapping's. Exit status: 0 ok, 1 missing or malformed files, 2 bad usage.
 """
 import argparse
+import json
 import os
 import re
 import sys
@@ -95,6 +98,41 @@ def content_problems(name: str, data: bytes):
     return []
 
 
+def _sentences(text: str):
+    """[(label text, sentence)] of `label ||| sentence` lines."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [(label.strip(), sentence.strip()) for label, _, sentence in (l.rstrip("\r").partition(" |||") for l in lines)]
+
+
+def data_problems(name: str, data: bytes, data_dir: Path):
+    """An output file against the data file it was made from (nothing when that file is not in data_dir):
+    the same number of lines, the same sentences in order, labels the label-mapping file allows."""
+    match = OUTPUT_RE.fullmatch(name)
+    source = data_dir / f"{match['data']}-{match['split']}.txt" if match else None
+    if source is None or not source.is_file():
+        return []
+    try:
+        output, expected = _sentences(data.decode("utf-8")), _sentences(source.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as err:
+        return [f"{name}: not UTF-8 ({err})"]
+    if len(output) != len(expected):
+        return [f"{name}: {len(output)} lines, but {source} has {len(expected)}: the output must cover every example "
+                f"of the file, in order ({how_to_produce(name)})"]
+    for number, ((_, got), (_, want)) in enumerate(zip(output, expected), 1):
+        if got != want:
+            return [f"{name}: line {number}'s sentence is not {source}'s line {number} (made from another data "
+                    f"file, or reordered?): {got[:60]!r} vs {want[:60]!r}"]
+    mapping = data_dir / f"{match['data']}-label-mapping.json"
+    try:
+        labels = len(json.loads(mapping.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return []
+    bad = [number for number, (label, _) in enumerate(output, 1) if not 0 <= int(label) < labels]
+    return [f"{name}: line {bad[0]}: label outside 0..{labels - 1} ({mapping})"] if bad else []
+
+
 def is_forbidden(relpath: str) -> bool:
     """True for checkpoints, zips, and anything inside .git, __pycache__, data/, tests/, bench/, codegen/."""
     parts = relpath.rstrip("/").split("/")
@@ -128,7 +166,7 @@ def write_zip(src: Path, files, name: str, out: Path) -> None:
         raise
 
 
-def build(src: Path, name: str, out: Path) -> int:
+def build(src: Path, name: str, out: Path, data_dir: Path) -> int:
     """Check src, write the zip, then verify it. Returns the exit status."""
     if not src.is_dir():
         print(f"prepare_submit: {src} is not a directory", file=sys.stderr)
@@ -138,12 +176,13 @@ def build(src: Path, name: str, out: Path) -> int:
         print(missing_message(src, missing), file=sys.stderr)
         return 1
     problems = [p for f in OUTPUTS + GENERATED for p in content_problems(f, (src / f).read_bytes())]
+    problems = problems or [p for f in OUTPUTS for p in data_problems(f, (src / f).read_bytes(), data_dir)]
     if problems:
         print("prepare_submit: malformed files; no zip written:\n  - " + "\n  - ".join(problems), file=sys.stderr)
         return 1
     write_zip(src, submission_files(src), name, out)
     print(f"wrote {out}")
-    return check_zip(out, name)
+    return check_zip(out, name, data_dir)
 
 
 def layout_problems(names, expect_name=None):
@@ -161,7 +200,7 @@ def layout_problems(names, expect_name=None):
     return problems
 
 
-def check_zip(path: Path, expect_name=None) -> int:
+def check_zip(path: Path, expect_name=None, data_dir: Path = Path("data")) -> int:
     """Verify an existing submission zip, print its files and any problems. Returns the exit status."""
     try:
         zf = zipfile.ZipFile(path)
@@ -179,8 +218,11 @@ def check_zip(path: Path, expect_name=None) -> int:
             if entry not in names:
                 problems.append(f"missing: {required} ({how_to_produce(required)})")
             else:
-                problems += content_problems(required, zf.read(entry))
+                found = content_problems(required, zf.read(entry))
+                problems += found or data_problems(required, zf.read(entry), data_dir)
     print(f"{path}: {len(infos)} files")
+    if not data_dir.is_dir():
+        print(f"note: {data_dir} not found: outputs not compared with their data files (pass --data_dir)")
     for info in infos:
         print(f"  {info.file_size:>10}  {info.filename}")
     if problems:
@@ -197,6 +239,8 @@ def parse_args(argv):
     parser.add_argument("--name", help="submission folder name, e.g. SURNAME1_SURNAME2 (letters, digits, _ and -)")
     parser.add_argument("--out", type=Path, help="zip to write (default <dir>/<name>.zip)")
     parser.add_argument("--check", type=Path, metavar="ZIP", help="verify an existing zip instead of building one")
+    parser.add_argument("--data_dir", type=Path, default=None,
+                        help="the data files the outputs are compared with (default <dir>/data)")
     args = parser.parse_args(argv)
     if args.name is not None and not NAME_RE.fullmatch(args.name):
         parser.error(f"--name {args.name!r} may contain only letters, digits, '_' and '-' (e.g. SMITH_JONES)")
@@ -207,9 +251,10 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    data_dir = args.data_dir or args.dir / "data"
     if args.check is not None:
-        return check_zip(args.check, args.name)
-    return build(args.dir, args.name, args.out or args.dir / f"{args.name}.zip")
+        return check_zip(args.check, args.name, data_dir)
+    return build(args.dir, args.name, args.out or args.dir / f"{args.name}.zip", data_dir)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,10 @@ def make_project(root, skip=()):
     for folder in ("data", "tests", "bench", "codegen", "__pycache__", ".git"):
         (root / folder).mkdir()
         (root / folder / "inner.py").write_text("x = 1\n")
-    (root / "data" / "sst-dev.txt").write_text("3 ||| x\n")
+    for data in ("sst", "cfimdb"):   # the data files the outputs were made from
+        for split in ("dev", "test"):
+            (root / "data" / f"{data}-{split}.txt").write_text("4 ||| a fine film .\n1 ||| dull .\n")
+        (root / "data" / f"{data}-label-mapping.json").write_text('["0", "1", "2", "3", "4"]')
     return root
 
 
@@ -216,3 +219,45 @@ def test_setup_sh_works_inside_the_submitted_folder(tmp_path):
     assert "-m pip install -q torch==2.13.0" in log.read_text()
     assert "requirements-dev" not in log.read_text()
     assert (folder / "tokenizer.model").is_file() and (folder / "data" / "sst-dev.txt").is_file()
+
+
+def test_outputs_are_compared_with_their_data_files(tmp_path):
+    """An output made from a slice of the data, from another data file, or with labels the mapping
+    does not have is refused, naming the file and line; a correct one passes."""
+    data = tmp_path / "data"
+    data.mkdir()
+    sentences = [f"sentence number {i} ." for i in range(100)]
+    for name in ("sst-dev", "sst-test", "cfimdb-dev", "cfimdb-test"):
+        (data / f"{name}.txt").write_text("".join(f"1 ||| {x}\n" for x in sentences))
+    (data / "sst-label-mapping.json").write_text('["a", "b", "c", "d", "e"]')
+    (data / "cfimdb-label-mapping.json").write_text('["neg", "pos"]')
+    entries = {f"{NAME}/{n}": "1 ||| ok\n" for n in prepare_submit.REQUIRED}
+    for name in prepare_submit.OUTPUTS:
+        entries[f"{NAME}/{name}"] = "".join(f"0 ||| {x}\n" for x in sentences)
+    good = run("--check", str(make_zip(tmp_path / "good.zip", entries)), cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+
+    bad = {
+        "slice": "".join(f"0 ||| {x}\n" for x in sentences[:40]),
+        "other": "".join(f"0 ||| {x}\n" for x in sentences[1:] + ["another data set ."]),
+        "label": "".join(f"4 ||| {x}\n" for x in sentences),
+    }
+    expected = {"slice": "40 lines, but data/cfimdb-dev.txt has 100",
+                "other": "line 1's sentence is not data/cfimdb-dev.txt's line 1",
+                "label": "line 1: label outside 0..1"}
+    for kind, text in bad.items():
+        zipped = make_zip(tmp_path / f"{kind}.zip", {**entries, f"{NAME}/cfimdb-dev-lora-output.txt": text})
+        result = run("--check", str(zipped), cwd=tmp_path)
+        assert result.returncode == 1 and expected[kind] in result.stderr, (kind, result.stderr)
+    elsewhere = run("--check", str(tmp_path / "slice.zip"), "--data_dir", str(data), cwd=ROOT)
+    assert elsewhere.returncode == 1
+    no_data = run("--check", str(tmp_path / "slice.zip"), cwd=ROOT / "tests")
+    assert no_data.returncode == 0 and "not compared" in no_data.stdout
+
+
+def test_build_refuses_an_output_made_from_a_slice(tmp_path):
+    src = make_project(tmp_path / "proj")
+    (src / "sst-test-finetuning-output.txt").write_text("3 ||| a fine film .\n")
+    result = run("--dir", str(src), "--name", NAME, cwd=tmp_path)
+    assert result.returncode == 1 and "1 lines, but" in result.stderr
+    assert not (src / f"{NAME}.zip").exists()
