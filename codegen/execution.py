@@ -5,23 +5,15 @@
     run_io_tests(program, inputs, outputs, timeout=5.0, ...)          APPS-style stdin/stdout check
     sandbox_kind() -> "bwrap" | "rlimits"                             what check_program uses
 
-The program never runs inside the calling interpreter. Each call gets a fresh temporary
-directory (removed afterwards) holding the program, read-only, and its working directory WORK_NAME,
-the only place it may write; a scrubbed environment, `python -I` (isolated mode), the given stdin
-(empty by default), its own session / process group, and limits. Per process: CPU seconds, address
-space (memory_mb), file size, no core dumps. For the whole run (every process it starts):
-  - processes: RLIMIT_NPROC of the run's fresh uid (NPROC_MARGIN; not root: the user's count + it);
-  - memory: a watchdog sums the resident memory of the run's process tree every WATCH_INTERVAL and
-    kills the run past memory_mb (status "failed", the reason on stderr). It samples: a burst faster
-    than the interval can overshoot briefly, never for long;
-  - storage: WORK_DIR_BYTES, a size-limited private tmpfs under bwrap (writes fail with ENOSPC),
-    watched like memory under rlimits (at most MAX_WORK_FILES entries);
-  - no new user namespaces: the launcher (codegen/sandbox_launcher.py) installs a seccomp filter
-    refusing unshare/clone with CLONE_NEWUSER on x86_64 and aarch64 (bwrap's --disable-userns too,
-    where bwrap has it and runs without root).
-No cgroup is made: cgroup v2 delegation is rarely available to the project (not on the machines it
-was tested on, which have v1 hierarchies); the uid budget, the watchdog and the tmpfs bound the same
-things.
+Each call gets a fresh directory (removed afterwards) holding the program, read-only, and its work
+dir WORK_NAME, the only place it may write; a scrubbed environment, `python -I`, the given stdin, its own
+session, and limits. Per process: CPU seconds, address space (memory_mb), file size, no core dumps. Per
+run: RLIMIT_NPROC of its fresh uid (NPROC_MARGIN); a watchdog summing the resident memory of its process
+tree every WATCH_INTERVAL (past memory_mb the run is killed and "failed"; a burst faster than the interval
+overshoots briefly); WORK_DIR_BYTES of storage (a private tmpfs under bwrap, watched under rlimits); and
+no new user namespaces (codegen/sandbox_launcher.py's seccomp filter, x86_64 and aarch64; also bwrap's
+--disable-userns without root). No cgroup is made: delegation is rarely available (these machines have
+cgroup v1); the uid budget, the watchdog and the tmpfs bound the same things.
 
 Two sandboxes:
 
@@ -41,28 +33,20 @@ Two sandboxes:
     RLIMIT_NPROC = the user's current process count + a small margin.
 
 "rlimits" (fallback; a one-time warning is logged when it is picked automatically)
-    The same limits and process handling, without namespaces. It NEVER runs generated code
-    as root: when we are root the program runs under a fresh uid (so the kernel enforces
-    RLIMIT_NPROC, file permissions and kill permissions), with our interpreter or, if the
-    sandbox uid cannot run that one (e.g. it lives under a 0700 /root), a system interpreter
-    of the same version; when neither works, check_program raises SandboxUnavailable (install
-    bubblewrap: `apt-get install bubblewrap`) and available_sandboxes() leaves "rlimits" out.
-    The launcher checks the drop took, then stays as the run's supervisor: a child subreaper (so
-    the run is one process tree) that kills every process of the run when its caller dies
-    (PR_SET_PDEATHSIG; the program, forked from it, dies with it too). In addition a
-    runner, codegen/sandbox_runner.py (a plain module: copied into WORKDIR for each run and
-    started there with `python -I`, its parameters on its command line), installs a
-    `sys.addaudithook` guard in the program's interpreter, then runs the program. It refuses:
-    sockets, writing/creating/removing files outside WORKDIR, signalling processes other than
-    itself and its own children, exec/spawn/system/subprocess, ctypes, and more than a few
-    forks (forked children may not fork again), frame/gc introspection that would reach the
-    guard's own functions, reading /proc/*/mem, and fresh copies of the modules it patched
-    (posix, _posixsubprocess, _imp). Its functions carry no closure cells and keep their
-    state in private globals. Still, an audit hook is a tripwire, not a security boundary:
-    determined code gets around it, e.g. by rebinding names in the wrappers' __globals__ (not
-    an audited attribute) or in the stdlib modules the path checks call (posixpath), or via
-    an interpreter bug; then it has the sandbox uid's rights on the whole machine (minus
-    root). Install bubblewrap for isolation.
+    The same limits, without namespaces. It NEVER runs generated code as root: as root the
+    program runs under a fresh uid, with our interpreter or a system one of the same version the
+    uid can run; if neither works, check_program raises SandboxUnavailable (install bubblewrap:
+    `apt-get install bubblewrap`) and available_sandboxes() leaves "rlimits" out. The launcher
+    stays as the run's supervisor: a child subreaper (the run is one process tree) that kills
+    the whole run when its caller dies (PR_SET_PDEATHSIG). The runner, codegen/sandbox_runner.py
+    (copied into the run's directory, started with `python -I`), installs a `sys.addaudithook`
+    guard, then runs the program. It refuses: sockets, writes outside the work dir, signals to
+    other than its own children, exec/spawn/system/subprocess, ctypes, more than a few forks,
+    frame/gc introspection reaching the guard, /proc/*/mem, and fresh copies of the modules it
+    patched. Its functions carry no closure cells and keep their state in private globals.
+    Still, an audit hook is a tripwire, not a security boundary: determined code gets around it
+    (e.g. rebinding names in the wrappers' __globals__ or in posixpath, or an interpreter bug) and
+    then has the sandbox uid's rights on the machine (minus root). Install bubblewrap.
 
 On every exit path the whole process group/session is SIGKILLed (and, with a dedicated uid,
 every process of that uid) before the call returns, and the working directory is removed.

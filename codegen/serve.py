@@ -4,7 +4,7 @@
         [--allow-remote] [--allowed-hosts h1,h2]
 
     GET  /          one self-contained HTML page: prompt, optional suffix, max tokens, temperature,
-                    top_p, Generate
+                    top_p, Generate and Stop; the text streams in, Python syntax highlighted
     POST /generate  JSON {prompt, max_new_tokens?, temperature?, top_p?, suffix?}
                     -> 200 {completion, tokens, seconds, max_new_tokens, stop_reason}
                     a non-empty suffix asks for infilling: the completion is the middle between
@@ -13,6 +13,14 @@
                     Origin, 408 request not sent within the read deadline, 411 no Content-Length,
                     413 body over the limit, 415 not application/json, 500 generation failed;
                     always a JSON {"error": ...}
+    POST /generate/stream  the same request, answered as it is generated: 200 with an NDJSON body
+                    (application/x-ndjson, one JSON object a line, ended by the server closing the
+                    connection): {"text": delta} as each piece of the completion becomes final, then
+                    {"done": true, completion, tokens, seconds, max_new_tokens, stop_reason} (the
+                    /generate answer), or {"error": ...} when generation fails midway. An error found
+                    before the first line is the status and JSON error /generate answers. To stop
+                    it, close the connection (the page's Stop button aborts its fetch): the next
+                    write fails, and generation ends within a token or two, freeing the model.
     GET  /health    {"ok": true}
 
 The page lives in codegen/static/: index.html (with {{name}} placeholders), page.js and page.css,
@@ -305,16 +313,24 @@ class CodeRequestHandler(BaseHTTPRequestHandler):
         self.connection.settimeout(self.timeout)
 
     # -- responses
-    def _send(self, status: int, body: bytes, content_type: str, extra_headers=()):
+    def _begin(self, status: int, content_type: str, length: Optional[int], extra_headers=()):
+        """The status line and headers. length None: a streamed body, ended by closing the connection."""
         self._stop_read_deadline()  # the request has been read (or given up on): writes get the plain timeout
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        if length is None:
+            self.close_connection = True
+            self.send_header("Connection", "close")
+        else:
+            self.send_header("Content-Length", str(length))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         for name, value in extra_headers:
             self.send_header(name, value)
         self.end_headers()
+
+    def _send(self, status: int, body: bytes, content_type: str, extra_headers=()):
+        self._begin(status, content_type, len(body), extra_headers)
         if self.command != "HEAD":
             self.wfile.write(body)
 
@@ -365,41 +381,63 @@ class CodeRequestHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         if not self._host_ok():
             return
-        if self.path.split("?", 1)[0] != "/generate":
+        path = self.path.split("?", 1)[0]
+        if path not in ("/generate", "/generate/stream"):
             self._drain_and_close()
             self._error(404, f"no such endpoint: {self.path}")
             return
         try:
-            body = self._read_body()
-            content_type = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-            if content_type != "application/json":
-                raise RequestError(415, "Content-Type must be application/json")
-            settings = parse_request(body, self.server.max_new_tokens_limit, self.server.default_max_new_tokens)
+            settings = self._read_settings()
         except RequestError as e:
             self._error(e.status, str(e))
             return
+        stream = TextStream(self) if path == "/generate/stream" else None
         try:
-            result = self._generate(settings)
+            result = self._generate(settings, stream)
+        except ClientGone:
+            self.log_message("%s", "stream stopped: the client closed the connection")
+            return
         except RequestError as e:
-            self._error(e.status, str(e))
+            self._fail(e.status, str(e), stream)
             return
         except Exception as e:
             traceback.print_exc(file=sys.stderr)
-            self._error(500, f"generation failed: {type(e).__name__}: {e}")
+            self._fail(500, f"generation failed: {type(e).__name__}: {e}", stream)
             return
-        self._json(200, {"completion": result.text, "tokens": result.tokens, "seconds": round(result.seconds, 4),
-                         "max_new_tokens": settings["max_new_tokens"], "stop_reason": result.stop_reason})
+        answer = {"completion": result.text, "tokens": result.tokens, "seconds": round(result.seconds, 4),
+                  "max_new_tokens": settings["max_new_tokens"], "stop_reason": result.stop_reason}
+        if stream is None:
+            self._json(200, answer)
+        else:
+            stream.last({"done": True, **answer})
 
-    def _generate(self, settings: dict):
-        """One completion under the model lock. With a suffix, a ValueError (say, a model without
-        fill-in-the-middle sentinels) is the request's fault: RequestError(400, its message)."""
+    def _fail(self, status: int, message: str, stream: Optional["TextStream"]):
+        """An error answer; once a stream has begun (its 200 is sent), its last line instead."""
+        if stream is not None and stream.started:
+            stream.last({"error": message})
+        else:
+            self._error(status, message)
+
+    def _read_settings(self) -> dict:
+        """The request's validated generation settings (parse_request); RequestError if not."""
+        body = self._read_body()
+        content_type = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if content_type != "application/json":
+            raise RequestError(415, "Content-Type must be application/json")
+        return parse_request(body, self.server.max_new_tokens_limit, self.server.default_max_new_tokens)
+
+    def _generate(self, settings: dict, stream: Optional["TextStream"] = None):
+        """One completion under the model lock, its text streamed to `stream` when given. With a
+        suffix, a ValueError (say, a model without fill-in-the-middle sentinels) is the request's
+        fault: RequestError(400, its message)."""
         args = (self.server.model, self.server.tokenizer, settings["prompt"], 1, settings["max_new_tokens"],
                 settings["temperature"], settings["top_p"])
         suffix = settings.get("suffix") or None  # absent, null or empty: a plain completion
         with self.server.model_lock:
             try:
                 return generate_completions(*args, generator=self.server.generator, suffix=suffix,
-                                            compile=self.server.compile)[0]
+                                            compile=self.server.compile,
+                                            on_text=None if stream is None else stream.text)[0]
             except ValueError as e:
                 if suffix is None:
                     raise
@@ -451,6 +489,43 @@ class CodeRequestHandler(BaseHTTPRequestHandler):
         try:
             self._drain(max(0, int(self.headers.get("Content-Length") or 0)))
         except ValueError:
+            pass
+
+
+class ClientGone(Exception):
+    """The client of a streamed answer has closed its connection."""
+
+
+class TextStream:
+    """The NDJSON body of a /generate/stream answer, one JSON object a line. The 200 and its headers
+    go out with the first line, so an error found before any text (a bad suffix, say) still gets its
+    own status. A write that fails because the client closed the connection (the page's Stop button,
+    a closed tab, Ctrl-C on curl) raises ClientGone, out of generation's on_text callback: that
+    leaves the decoding loop, so no further token is computed and the model lock is released. The
+    first write after the close may still succeed (the client's system answers it with a reset), so
+    generation stops one or two pieces of text later."""
+
+    def __init__(self, handler: "CodeRequestHandler"):
+        self.handler, self.started = handler, False
+
+    def line(self, obj: dict):
+        try:
+            if not self.started:
+                self.started = True
+                self.handler._begin(200, "application/x-ndjson; charset=utf-8", None)
+            self.handler.wfile.write(json.dumps(obj).encode("utf-8") + b"\n")
+        except OSError:  # BrokenPipeError, ConnectionResetError, a write timeout
+            raise ClientGone() from None
+
+    def text(self, delta: str):
+        """generate_completions' on_text: each piece of the completion as soon as it is final."""
+        self.line({"text": delta})
+
+    def last(self, obj: dict):
+        """The closing line; a client gone by now misses nothing that matters."""
+        try:
+            self.line(obj)
+        except ClientGone:
             pass
 
 

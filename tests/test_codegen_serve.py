@@ -73,7 +73,7 @@ def test_page_has_the_form(server):
     page = body.decode()
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     for needle in ("<textarea", 'id="max_new_tokens"', 'id="temperature"', 'id="top_p"', "Generate", "<pre",
-                   "/generate", "<script>"):
+                   '<button id="stop"', "/generate/stream", "<script>"):
         assert needle in page
     assert "innerHTML" not in page  # results are set with textContent: HTML in them stays escaped
     assert "&quot;&quot;&quot;" in page.split("<textarea")[1].split("</textarea>")[0]  # the default prompt, escaped
@@ -324,11 +324,12 @@ def test_suffix_reaches_generate_completions(server, monkeypatch):
     assert status == 200 and json.loads(body)["completion"] == "MIDDLE"
     args, kwargs = calls[-1]
     assert args == (server.model, server.tokenizer, "def f(x):\n", 1, 3, 0.5, 0.9)
-    assert kwargs == {"generator": server.generator, "suffix": "    return y\n", "compile": False}
+    assert kwargs == {"generator": server.generator, "suffix": "    return y\n", "compile": False, "on_text": None}
     for suffix in ({}, {"suffix": None}, {"suffix": ""}):
         payload = {"prompt": "def f():", **suffix}
         assert post(server, payload)[0] == 200
-        assert calls[-1][1] == {"generator": server.generator, "suffix": None, "compile": False}  # plain completion
+        assert calls[-1][1] == {"generator": server.generator, "suffix": None, "compile": False,
+                                "on_text": None}  # plain completion
 
 
 def test_suffix_value_error_is_400_with_its_message(server, monkeypatch):
@@ -512,3 +513,126 @@ def test_a_trickling_request_gets_408_at_the_read_deadline(strict):
         assert status_of(answer) == 408 and b"within 1 s" in answer, answer[:200]
         assert seconds < 3
     assert post(strict, {"prompt": "def f():", "max_new_tokens": 1})[0] == 200  # the server still answers
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming: POST /generate/stream
+
+
+def stream_lines(srv, payload) -> Tuple[int, dict, list]:
+    """(status, headers, the NDJSON lines parsed) of a /generate/stream request read to its end."""
+    status, headers, body = request(srv, "/generate/stream", json.dumps(payload).encode())
+    if not headers["Content-Type"].startswith("application/x-ndjson"):
+        return status, headers, [json.loads(body)]
+    assert body.endswith(b"\n")
+    return status, headers, [json.loads(line) for line in body.decode("utf-8").splitlines()]
+
+
+def test_stream_sends_the_text_in_pieces_then_what_generate_answers(server, monkeypatch):
+    prompt = {"prompt": 'def add(a, b):\n    """Add."""', "max_new_tokens": LIMIT}
+    pieces = []
+    monkeypatch.setattr(serve_module, "generate_completions", recording(pieces))
+    status, headers, lines = stream_lines(server, prompt)
+    assert status == 200 and headers["Cache-Control"] == "no-store" and "Content-Length" not in headers
+    texts, last = [line["text"] for line in lines[:-1]], lines[-1]
+    assert texts == pieces and len(texts) >= 2 and all(texts)  # one line per piece on_text received
+    assert last.pop("done") is True and "".join(texts) == last["completion"]
+    answer = json.loads(post(server, prompt)[2])
+    assert {**last, "seconds": 0} == {**answer, "seconds": 0}  # the same fields and values as /generate
+
+
+def recording(pieces):
+    """generate_completions, with each piece handed to on_text also appended to `pieces`."""
+    generate = serve_module.generate_completions
+
+    def generate_and_record(*args, on_text=None, **kwargs):
+        def record(text):
+            pieces.append(text)
+            if on_text is not None:
+                on_text(text)
+        return generate(*args, on_text=record, **kwargs)
+    return generate_and_record
+
+
+def test_stream_errors_before_the_first_line_have_their_status(server, monkeypatch):
+    status, headers, lines = stream_lines(server, {"prompt": ""})
+    assert status == 400 and headers["Content-Type"].startswith("application/json") and "prompt" in lines[0]["error"]
+    message = "this model has no fill-in-the-middle sentinels"
+    monkeypatch.setattr(serve_module, "generate_completions", fake_generation([], ValueError(message)))
+    assert stream_lines(server, {"prompt": "def f():", "suffix": "    return 1"})[::2] == (400, [{"error": message}])
+    assert stream_lines(server, {"prompt": "def f():"})[0] == 500
+
+
+def test_stream_error_after_the_first_line_is_its_last_line(server, monkeypatch):
+    def fails_midway(*args, on_text, **kwargs):
+        on_text("    return")
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(serve_module, "generate_completions", fails_midway)
+    status, _, lines = stream_lines(server, {"prompt": "def f():"})
+    assert status == 200
+    assert lines == [{"text": "    return"}, {"error": "generation failed: RuntimeError: out of memory"}]
+
+
+class Pacer:
+    """Stands in for model.forward: counts the calls, sleeps `delay` s in each, and while `token` is
+    set makes that token win every step, so a completion runs on to max_new_tokens at a known pace."""
+
+    def __init__(self, model, delay: float, token=None):
+        self.forward, self.delay, self.token, self.calls = model.forward, delay, token, 0
+        model.forward = self
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        time.sleep(self.delay)
+        logits, hidden = self.forward(*args, **kwargs)
+        if self.token is not None:
+            logits = logits.clone()
+            logits[..., self.token] += 1e4
+        return logits, hidden
+
+
+PACED_LIMIT = 300
+
+
+@pytest.fixture(scope="module")
+def paced(server):
+    """A server whose generations take 20 ms a token and run to the end (a 300-token limit): 6 s."""
+    from llama import Llama
+
+    model = Llama(server.model.config).eval()
+    pacer = Pacer(model, 0.02, token=server.tokenizer.encode("x", bos=False, eos=False)[-1])
+    srv = make_server(model, server.tokenizer, "127.0.0.1", 0, max_new_tokens_limit=PACED_LIMIT, quiet=True)
+    srv.pacer = pacer
+    yield from serving(srv)
+
+
+def wait_until(condition, timeout: float) -> float:
+    """Seconds until condition() held; AssertionError after `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"not within {timeout} s"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def test_closing_the_stream_stops_generation_on_the_server(paced):
+    port = paced.server_address[1]
+    body = json.dumps({"prompt": "def f(x):\n    return", "max_new_tokens": PACED_LIMIT}).encode()
+    head = (f"POST /generate/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    sock = socket.create_connection(paced.server_address[:2], timeout=10)
+    sock.sendall(head + body)
+    received = b""
+    while received.count(b'{"text"') < 3:  # three pieces have come: generation is under way
+        received += sock.recv(65536)
+    assert received.startswith(b"HTTP/1.0 200") and b"application/x-ndjson" in received
+    assert paced.model_lock.locked()  # still generating
+    sock.close()
+    closed_at = paced.pacer.calls
+    wait_until(lambda: not paced.model_lock.locked(), timeout=2)
+    stopped_at = paced.pacer.calls
+    time.sleep(0.2)
+    assert paced.pacer.calls == stopped_at  # no token is computed any more
+    assert stopped_at - closed_at <= 4 and stopped_at < PACED_LIMIT // 2  # within a few tokens of the close
+    assert post(paced, {"prompt": "def f():", "max_new_tokens": 2})[0] == 200  # the model is free again
