@@ -16,6 +16,13 @@ Typical use:
     ... train ...
     torch.save(lora_state_dict(model), "adapter.pt")   # kilobytes instead of the whole model
     unload_lora(model)                                  # or fold the update in: a plain model again
+
+QLoRA (Dettmers et al. 2023): the frozen base in 4 bits, the adapters in full precision. quantize.quantize_model
+replaces the model's nn.Linear layers by quantize.NF4Linear (or Int8Linear), before or after inject_lora, which
+wraps those as it wraps nn.Linear; gradients flow through the dequantized base to the adapters. Merging
+dequantizes: a merged layer computes with W0 dequantized + (alpha / r) B A (held in full precision until
+unmerged), unload_lora puts a full-precision nn.Linear in its place, and merged_state_dict gives the
+full-precision weights a plain model loads.
 """
 import math
 
@@ -23,13 +30,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quantize import QuantizedLinear
+
 DEFAULT_TARGETS = ("compute_query", "compute_value")
 
 
 class LoRALayer(nn.Module):
-    """A frozen nn.Linear (`self.base`) plus a trainable low-rank update (alpha / rank) * B A."""
+    """A frozen nn.Linear or quantize.QuantizedLinear (`self.base`) plus a trainable low-rank update
+    (alpha / rank) * B A."""
 
-    def __init__(self, base: nn.Linear, rank: int = 4, alpha: float = 1.0, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int = 4, alpha: float = 1.0, dropout: float = 0.0):
         super().__init__()
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
@@ -37,12 +47,20 @@ class LoRALayer(nn.Module):
             raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
         self.base = base.requires_grad_(False)
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        if isinstance(base, QuantizedLinear):
+            factory = dict(device=base.device, dtype=base.dtype)
+        else:
+            factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as in the paper's code
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.register_buffer("merged_weight", None, persistent=False)  # a quantized base's, while merged
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.base, QuantizedLinear)
 
     @property
     def in_features(self):
@@ -54,7 +72,10 @@ class LoRALayer(nn.Module):
 
     @property
     def weight(self):
-        """The base weight (with the update folded in while merged), for code that reads .weight."""
+        """The base weight (with the update folded in while merged), for code that reads .weight; a
+        quantized base's dequantized."""
+        if self.quantized:
+            return self.merged_weight if self.merged else self.base.dequantize()
         return self.base.weight
 
     def delta_weight(self):
@@ -62,19 +83,27 @@ class LoRALayer(nn.Module):
 
     @torch.no_grad()
     def merge(self):
+        """Fold the update into the weight: into the base weight, or for a quantized base into a
+        full-precision copy of it (merged_weight; the quantized base stays as it is)."""
         if not self.merged:
-            self.base.weight += self.delta_weight()
+            if self.quantized:
+                self.merged_weight = self.base.dequantize() + self.delta_weight()
+            else:
+                self.base.weight += self.delta_weight()
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self):
         if self.merged:
-            self.base.weight -= self.delta_weight()
+            if self.quantized:
+                self.merged_weight = None
+            else:
+                self.base.weight -= self.delta_weight()
             self.merged = False
 
     def forward(self, x):
         if self.merged:
-            return self.base(x)
+            return F.linear(x, self.merged_weight, self.base.bias) if self.quantized else self.base(x)
         return self.base(x) + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
 
     def extra_repr(self):
@@ -96,10 +125,10 @@ def _is_lora(name: str) -> bool:
 
 def inject_lora(model: nn.Module, rank: int = 4, alpha: float = 1.0, dropout: float = 0.0,
                 targets=DEFAULT_TARGETS) -> list:
-    """Replace, in place, every nn.Linear whose attribute name is in `targets` by a LoRALayer wrapping
-    it. Returns the replaced modules' names, e.g. 'layers.0.attention.compute_query'."""
+    """Replace, in place, every nn.Linear (or quantized one: QLoRA) whose attribute name is in `targets` by a
+    LoRALayer wrapping it. Returns the replaced modules' names, e.g. 'layers.0.attention.compute_query'."""
     targets = _as_tuple(targets)
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, QuantizedLinear))]
     chosen = [name for name in linears if _attr(name) in targets]
     unmatched = sorted(set(targets) - {_attr(name) for name in chosen})
     if unmatched or not chosen:  # a typo would otherwise silently train fewer layers than intended
@@ -132,13 +161,15 @@ def unmerge_lora(model: nn.Module):
 def unload_lora(model: nn.Module) -> None:
     """Fold every LoRA update into its base weight and put the plain nn.Linear back in place of each
     LoRALayer: the model computes the same at no extra cost, and is a plain model again (its weights
-    trainable, as a freshly loaded model's)."""
+    trainable, as a freshly loaded model's). A quantized base becomes a full-precision nn.Linear holding
+    the dequantized weight plus the update (quantize.dequantize_model does the same for quantized layers
+    without LoRA)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALayer):
             module.merge()
+            plain = module.base.to_linear(module.merged_weight) if module.quantized else module.base
             parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr,
-                    module.base.requires_grad_(True))
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, plain.requires_grad_(True))
 
 
 def mark_only_lora_trainable(model: nn.Module, extra=()):
@@ -182,19 +213,25 @@ def load_lora_state_dict(model: nn.Module, state_dict: dict, extra=()):
 
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict:
-    """The model's weights on the CPU with every LoRA update folded in and no LoRA keys: what the
-    model without adapters expects (a plain Llama for load_pretrained). The model itself is left
-    as it is (merged or not); tied matrices stay one shared tensor."""
+    """The model's weights on the CPU with every LoRA update folded in, quantized weights dequantized
+    (QLoRA: merging dequantizes) and no LoRA keys: what the model without adapters or quantization
+    expects (a plain Llama for load_pretrained). The model itself is left as it is (merged or not);
+    tied matrices stay one shared tensor."""
     lora = {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+    bases = {name + ".base" for name in lora}
+    full = {name: (lambda m=m: m.weight if m.merged else m.weight + m.delta_weight()) for name, m in lora.items()}
+    full.update({name: m.dequantize for name, m in model.named_modules()
+                 if isinstance(m, QuantizedLinear) and name not in bases})  # module -> its full-precision weight
     copies, state = {}, {}  # data_ptr -> CPU copy, so that tied matrices stay one tensor
     for key, value in model.state_dict().items():
         if key.endswith((".lora_A", ".lora_B")):
             continue
-        if key.endswith(".base.weight"):
-            name = key[: -len(".base.weight")]
-            layer = lora[name]
-            merged = value if layer.merged else value + layer.delta_weight()
-            state[name + ".weight"] = merged.detach().to("cpu", copy=True)
+        owner, _, leaf = key.rpartition(".")
+        owner = owner[: -len(".base")] if owner in bases else owner
+        if owner in full:  # the weight (or a quantized weight's buffers) of a LoRA or quantized layer, or its bias
+            target = f"{owner}.bias" if leaf == "bias" else f"{owner}.weight"
+            if target not in state:
+                state[target] = (value if leaf == "bias" else full[owner]()).detach().to("cpu", copy=True)
             continue
         if value.data_ptr() not in copies:
             copies[value.data_ptr()] = value.detach().to("cpu", copy=True)

@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from helpers import tiny_config, tiny_model
 from lora import (LoRALayer, count_parameters, expected_lora_parameters, inject_lora, load_lora_state_dict,
-                  lora_state_dict, mark_only_lora_trainable, merge_lora, unmerge_lora)
+                  lora_state_dict, mark_only_lora_trainable, merge_lora, unload_lora, unmerge_lora)
+from quantize import QuantizedLinear, quantize_model, quantized_layers
 
 ALL_TARGETS = ("compute_query", "compute_key", "compute_value", "compute_output", "w1", "w2", "w3")
 
@@ -210,3 +211,90 @@ def test_unknown_targets_raise(targets):
     for t in targets:
         assert t in str(error.value)
     assert not any(isinstance(m, LoRALayer) for m in model.modules())  # nothing half-injected
+
+
+# ----------------------------------------------------------------------------------------------
+# QLoRA: LoRA on a quantized base (quantize.py)
+
+
+def qlora_model(kind="nf4", targets=ALL_TARGETS, seed=0):
+    model = tiny_model(seed)
+    quantize_model(model, kind)
+    inject_lora(model, rank=4, alpha=8.0, targets=targets)
+    mark_only_lora_trainable(model)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+@pytest.mark.parametrize("quantize_first", [True, False])
+def test_qlora_with_b_zero_equals_the_quantized_base_exactly(kind, quantize_first):
+    """Whether LoRA wraps quantized layers, or the model is quantized after injection (the LoRA layers' bases
+    then are), a fresh adapter (B = 0) leaves the quantized model's logits exactly as they were."""
+    base = tiny_model()
+    quantize_model(base, kind)
+    idx = tokens()
+    expected = all_logits(base, idx)
+    model = tiny_model()
+    if quantize_first:
+        quantize_model(model, kind)
+        inject_lora(model, rank=4, targets=ALL_TARGETS)
+    else:
+        inject_lora(model, rank=4, targets=ALL_TARGETS)
+        quantize_model(model, kind)
+    assert all(isinstance(layer.base, QuantizedLinear) for layer in model.modules() if isinstance(layer, LoRALayer))
+    torch.testing.assert_close(all_logits(model, idx), expected, rtol=0, atol=0)
+
+
+def test_qlora_layer_matches_formula():
+    model = qlora_model(targets=("w2",))
+    randomise_lora_B(model)
+    layer = model.layers[0].feed_forward.w2
+    x = torch.randn(3, layer.in_features)
+    expected = x @ layer.base.dequantize().T + layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_qlora_only_lora_parameters_get_gradients():
+    model = qlora_model()
+    randomise_lora_B(model)
+    all_logits(model, tokens()).square().mean().backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, _ in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+    assert all(p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n in with_grad)
+    assert all(not list(q.parameters()) for q in quantized_layers(model))  # the base holds buffers only
+
+
+def test_qlora_merge_dequantizes_and_unmerge_restores():
+    model = qlora_model()
+    randomise_lora_B(model)
+    idx = tokens()
+    before = all_logits(model, idx)
+    packed = {k: v.clone() for k, v in model.state_dict().items()}
+    merge_lora(model)
+    layer = model.layers[0].attention.compute_query
+    torch.testing.assert_close(layer.weight, layer.base.dequantize() + layer.delta_weight(), rtol=0, atol=0)
+    torch.testing.assert_close(all_logits(model, idx), before, rtol=1e-5, atol=1e-5)
+    unmerge_lora(model)
+    assert layer.merged_weight is None
+    assert all(torch.equal(v, packed[k]) for k, v in model.state_dict().items())  # the quantized base untouched
+    torch.testing.assert_close(all_logits(model, idx), before, rtol=0, atol=0)
+
+
+def test_qlora_unload_gives_full_precision_linears():
+    model = qlora_model(targets=("compute_query", "compute_value"))
+    randomise_lora_B(model)
+    idx = tokens()
+    before = all_logits(model, idx)
+    unload_lora(model)
+    query = model.layers[0].attention.compute_query
+    assert type(query) is nn.Linear and query.weight.dtype == torch.float32 and query.weight.requires_grad
+    assert isinstance(model.layers[0].feed_forward.w1, QuantizedLinear)  # not LoRA'd: still quantized
+    torch.testing.assert_close(all_logits(model, idx), before, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_adapter_round_trip():
+    source, target = qlora_model(), qlora_model()
+    randomise_lora_B(source)
+    idx = tokens()
+    load_lora_state_dict(target, lora_state_dict(source))
+    torch.testing.assert_close(all_logits(target, idx), all_logits(source, idx), rtol=0, atol=0)
