@@ -10,8 +10,11 @@
     save_hf_folder(model, folder, tokenizer, ...)  a folder transformers' LlamaForCausalLM reads
     save_peft_adapter(adapter, config, folder)     a folder peft.PeftModel applies to the hf export
     save_gguf(model, path, tokenizer, gguf_type)   a GGUF file for llama.cpp (f32, f16, bf16, Q8_0)
+    check_vocab(model, tokenizer, path, fix)       a checkpoint smaller than the tokenizer's vocabulary is refused
+    save_pretraining(path, model, optimizer, ...)  pretrain.py's checkpoint (llama2.c's train.py format, resumable)
+    load_pretraining(path) -> (model, saved)       ... and back, for --resume
     save_classifier(model, config, path)           run_llama's fine-tuned classifier (LoRA: adapters + head)
-    load_classifier(path) -> classifier            ... and back
+    load_classifier(path) -> (classifier, config)  ... and back (a fine-tuned one needs nothing else)
     code_metadata(path) -> dict                    the "codegen" entry of a code-training best.pt
     CodeTrainingState                              a code-training run's progress and what its last.pt /
                                                    best.pt hold: save_last, load_last + restore, save_best
@@ -965,6 +968,42 @@ def save_gguf(model, path, tokenizer, gguf_type: str = "f32", overwrite: bool = 
         raise
 
 
+def check_vocab(model, tokenizer, path, fix: str) -> None:
+    """Refuse a checkpoint trained with a smaller vocabulary than the tokenizer's: its embedding lookup
+    would fail on the first token id past its rows. `fix` says what to do instead."""
+    if model.config.vocab_size < tokenizer.n_words:
+        raise CheckpointError(f"{path}: the checkpoint's vocabulary has {model.config.vocab_size} tokens, fewer than "
+                              f"the tokenizer's {tokenizer.n_words}; {fix}")
+
+
+# ----------------------------------------------------------------------------------------------
+# pretraining (pretrain.py): llama2.c's train.py checkpoint, stories42M.pt's format
+
+PRETRAINING_KEYS = ("model_args", "model", "optimizer", "iter_num", "best_val_loss", "config", "elapsed")
+
+
+def save_pretraining(path, model, optimizer, iter_num: int, best_val_loss: float, config: dict, elapsed: float) -> None:
+    """Atomically write what llama2.c's train.py writes (as stories42M.pt holds): model_args (the whole
+    LlamaConfig, `causal` and `norm_type` included, so that load_pretrained builds the model that was
+    trained), the weights, the optimizer state, iter_num (steps done), best_val_loss and config (the
+    run's settings), plus elapsed (seconds trained), which --resume continues from."""
+    atomic_save({"model_args": dataclasses.asdict(model.config),
+                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                 "optimizer": optimizer.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
+                 "config": config, "elapsed": elapsed}, path)
+
+
+def load_pretraining(path) -> tuple:
+    """(model, the dict save_pretraining wrote) for --resume; a checkpoint without the training state
+    (a stories42M.pt-style file without "optimizer", a code-training best.pt) is refused."""
+    saved = _torch_load(Path(path))
+    missing = [k for k in PRETRAINING_KEYS if k not in saved] if isinstance(saved, dict) else list(PRETRAINING_KEYS)
+    if missing:
+        raise CheckpointError(f"{path}: cannot resume from it (no {', '.join(missing)}: not written by --option "
+                              "pretrain); start a new run without --resume, or pass the --out of the run to continue")
+    return load_pretrained(path), saved
+
+
 # ----------------------------------------------------------------------------------------------
 # run_llama's classifiers
 
@@ -982,9 +1021,10 @@ def save_classifier(model, config, path) -> None:
                  "model_args": dataclasses.asdict(model.llama.config)}, path)
 
 
-def load_classifier(path):
-    """The classifier save_classifier wrote: its backbone is loaded again from the pretrained
-    checkpoint named in its settings (a LoRA run stores only what it trained)."""
+def load_classifier(path, pretrained_model_path=None) -> tuple:
+    """(the classifier save_classifier wrote, its settings). A fine-tuned one is rebuilt from the file alone
+    (its backbone from the saved model_args); a LoRA one holds only what it trained, so its backbone is
+    loaded again from the pretrained checkpoint named in its settings, or pretrained_model_path if given."""
     from types import SimpleNamespace
 
     from classifier import LlamaEmbeddingClassifier
@@ -995,7 +1035,18 @@ def load_classifier(path):
         raise CheckpointError(f"{path}: not a classifier checkpoint (expected 'model' and 'model_config', "
                               "as run_llama.py --option finetune/lora writes)")
     config = SimpleNamespace(**saved["model_config"])
-    model = LlamaEmbeddingClassifier(config)
+    if pretrained_model_path is not None:
+        config.pretrained_model_path = pretrained_model_path
+    backbone = None
+    if config.option == "finetune" and isinstance(saved.get("model_args"), dict):
+        try:
+            backbone = LlamaConfig.from_model_args(saved["model_args"])
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise CheckpointError(f"{path}: its model_args do not make a valid config ({e})") from None
+    model = LlamaEmbeddingClassifier(config, backbone)
+    from quantize import quantize_model   # QLoRA: the adapters were trained on the quantized base
+
+    quantize_model(model.llama, getattr(config, "quantize", "none"))
     try:
         if config.option == "lora":
             load_lora_state_dict(model, saved["model"], extra="classifier_head")
@@ -1003,7 +1054,7 @@ def load_classifier(path):
             model.load_state_dict(saved["model"])
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: the saved tensors do not fit the classifier ({e})") from None
-    return model
+    return model, config
 
 
 # ----------------------------------------------------------------------------------------------

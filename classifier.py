@@ -15,13 +15,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llama import load_pretrained
+from llama import Llama, load_pretrained
 
 POOLINGS = ("course", "last_real")
 
 
-def load_backbone(config):
-    """The pretrained Llama; config.causal (when set and not None) overrides the checkpoint's masking."""
+def load_backbone(config, backbone=None):
+    """The pretrained Llama; config.causal (when set and not None) overrides the checkpoint's masking.
+    With `backbone` (a LlamaConfig) a freshly initialised Llama of that shape instead, for weights that
+    are loaded next (a saved fine-tuned classifier holds them all)."""
+    if backbone is not None:
+        return Llama(backbone)
     causal = getattr(config, "causal", None)
     return load_pretrained(config.pretrained_model_path, **({} if causal is None else {"causal": causal}))
 
@@ -92,13 +96,14 @@ class LlamaEmbeddingClassifier(nn.Module):
     depends on config.pooling (see the module docstring).
 
     config.option: "finetune" trains every weight; "lora" freezes the Llama and trains LoRA
-    adapters (config.lora_rank, config.lora_alpha) on the query and value projections."""
+    adapters (config.lora_rank, config.lora_alpha) on the query and value projections. `backbone`
+    (a LlamaConfig): start from a fresh Llama of that shape, not the pretrained checkpoint (load_backbone)."""
 
-    def __init__(self, config):
+    def __init__(self, config, backbone=None):
         super().__init__()
         self.num_labels = config.num_labels
         self.pooling = getattr(config, "pooling", "course")
-        self.llama = load_backbone(config)
+        self.llama = load_backbone(config, backbone)
         for param in self.llama.parameters():
             param.requires_grad = config.option == "finetune"
         if config.option == "lora":

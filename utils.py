@@ -28,11 +28,26 @@ class DeviceError(UsageError):
     """The requested device is not available."""
 
 
-def pick_device(use_gpu: bool) -> torch.device:
-    """CUDA when asked for (a clear error if there is none), else the CPU."""
-    if use_gpu and not torch.cuda.is_available():
-        raise DeviceError("--use_gpu was given but CUDA is not available")
-    return torch.device("cuda" if use_gpu else "cpu")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # --device's choices
+
+
+def pick_device(device=None, use_gpu: bool = False) -> torch.device:
+    """--device's choice as a torch.device: "auto" is CUDA, else Apple's MPS, else the CPU; None is
+    the CPU; a device asked for by name must be there (a DeviceError says so). use_gpu (the course's
+    --use_gpu) means cuda, as does device True."""
+    if use_gpu and device not in (None, "auto", "cuda", True):
+        raise DeviceError(f"--use_gpu means --device cuda, but --device {device} was given: pass one of them")
+    name = "cuda" if use_gpu else {True: "cuda", False: "cpu", None: "cpu"}.get(device, device)
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if name not in DEVICES:
+        raise DeviceError(f"--device {name}: choose one of {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda (or --use_gpu) was given but CUDA is not available; use --device cpu")
+    if name == "mps" and not mps:
+        raise DeviceError("--device mps was given but Apple's MPS backend is not available; use --device cpu")
+    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # LoRA vs full fine-tuning on the standard-library corpus, end to end through the CLI:
 #   1. build docstring->function pairs from the running Python's stdlib (split by source file);
-#   2. pre-train a small random-init Llama on them (stories260K's 512-token vocab is too small for
-#      Python, so the base is trained here with the Llama 2 tokenizer);
-#   3. fine-tune that base further, fully and with LoRA (rank 8 on every projection), same steps;
+#   2. pre-train a small Llama from scratch (`run_llama.py --option pretrain`, Llama 2 tokenizer: stories260K's
+#      512-token vocab is too small for Python) on the source files of the training split, whole, validated on
+#      those of the validation split (no test file is seen);
+#   3. fine-tune that base on the pairs, fully and with LoRA (rank 8 on every projection), same steps;
 #   4. evaluate all three on the test split (chrF, BLEU, ROUGE-L, syntax and execution rates).
-# Each run's summary.json (time per epoch, peak memory, trainable parameters, best validation loss)
-# and eval report.json land in $OUT. Sizes are variables so a GPU run can scale them up:
+# The base's log is $OUT/base-log.csv; each fine-tuning run's summary.json (time per epoch, peak memory,
+# trainable parameters, best validation loss) and eval report.json land in $OUT. Sizes are variables so a
+# GPU run can scale them up:
 #   OUT=runs/lora_vs_full DIM=512 LAYERS=8 PRE_STEPS=5000 FT_STEPS=1500 EXTRA=--use_gpu bash bench/codegen_lora_vs_full.sh
 # (bench/gpu.sh codegen runs exactly that, with bf16 autocast for training).
 set -euo pipefail
@@ -16,30 +18,27 @@ PRE_STEPS=${PRE_STEPS:-800}; FT_STEPS=${FT_STEPS:-300}; EVAL_LIMIT=${EVAL_LIMIT:
 TRAIN_EXTRA=${TRAIN_EXTRA:-}  # training-only options, e.g. --bf16
 mkdir -p "$OUT"
 [ -f "$OUT/data/train.jsonl" ] || python3 -m codegen.data --out "$OUT/data"
-python3 - "$OUT/init.pt" "$DIM" "$LAYERS" "$HEADS" <<'PY'
-import sys
-from dataclasses import asdict
-import torch
-sys.path.insert(0, ".")
-from config import LlamaConfig
-from llama import Llama
-path, dim, layers, heads = sys.argv[1], *map(int, sys.argv[2:])
-torch.manual_seed(0)
-config = LlamaConfig(dim=dim, n_layers=layers, n_heads=heads, vocab_size=32000, max_seq_len=256, norm_type="rmsnorm")
-torch.save({"model_args": asdict(config), "model": Llama(config).state_dict()}, path)
-PY
+stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+split_files() {  # the stdlib source files of one split (each pair records its file's path under the stdlib)
+  python3 -c 'import json, sys; print("\n".join(sorted({json.loads(l)["path"] for l in open(sys.argv[1])})))' "$1" |
+    sed "s|^|$stdlib/|"
+}
+mapfile -t train_files < <(split_files "$OUT/data/train.jsonl")
+mapfile -t valid_files < <(split_files "$OUT/data/valid.jsonl")
+python3 run_llama.py --option pretrain --train_text "${train_files[@]}" --valid_text "${valid_files[@]}" \
+    --dim "$DIM" --n_layers "$LAYERS" --n_heads "$HEADS" --max_seq_len 256 --lr 1e-3 --warmup_steps 50 \
+    --max_steps "$PRE_STEPS" --time_budget 0 --eval_interval 200 --quiet --out "$OUT/base.pt" $EXTRA $TRAIN_EXTRA
 common=(--train_data "$OUT/data/train.jsonl" --valid_data "$OUT/data/valid.jsonl" --max_len 256 --batch_size 8
         --valid_limit 64 --eval_samples 16 --quiet $EXTRA $TRAIN_EXTRA)
 train() { python3 run_llama.py --option codegen "${common[@]}" "$@"; }
-train --pretrained-model-path "$OUT/init.pt" --mode full --lr 1e-3 --warmup_steps 50 --max_steps "$PRE_STEPS" \
-      --eval_every 200 --out_dir "$OUT/pre"
-train --pretrained-model-path "$OUT/pre/best.pt" --mode full --lr 3e-4 --warmup_steps 20 --max_steps "$FT_STEPS" \
+train --pretrained-model-path "$OUT/base.pt" --mode full --lr 3e-4 --warmup_steps 20 --max_steps "$FT_STEPS" \
       --eval_every 100 --out_dir "$OUT/full"
-train --pretrained-model-path "$OUT/pre/best.pt" --mode lora --lora_rank 8 --lora_alpha 16 \
+train --pretrained-model-path "$OUT/base.pt" --mode lora --lora_rank 8 --lora_alpha 16 \
       --lora_targets compute_query,compute_key,compute_value,compute_output,w1,w2,w3 --lr 1e-3 --warmup_steps 20 \
       --max_steps "$FT_STEPS" --eval_every 100 --out_dir "$OUT/lora"
-for run in pre full lora; do
-  python3 run_llama.py --option code_eval --pretrained-model-path "$OUT/$run/best.pt" --data "$OUT/data/test.jsonl" \
+for run in base full lora; do
+  model="$OUT/$run/best.pt"; [ "$run" = base ] && model="$OUT/base.pt"
+  python3 run_llama.py --option code_eval --pretrained-model-path "$model" --data "$OUT/data/test.jsonl" \
       --limit "$EVAL_LIMIT" --max_new_tokens 128 --out_dir "$OUT/eval-$run" --quiet $EXTRA
 done
-echo "results: $OUT/{pre,full,lora}/summary.json and $OUT/eval-{pre,full,lora}/report.json"
+echo "results: $OUT/base-log.csv, $OUT/{full,lora}/summary.json and $OUT/eval-{base,full,lora}/report.json"

@@ -135,3 +135,35 @@ def test_lora_option_trains_only_adapters_and_head(checkpoint):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("classifier_head") for n in trainable)
     assert any(n.startswith("classifier_head") for n in trainable)
+
+
+@pytest.mark.parametrize("option", ["finetune", "lora"])
+def test_a_saved_classifier_loads_back_to_the_same_scores(checkpoint, tmp_path, option):
+    """save_classifier / load_classifier round trip; a fine-tuned classifier is rebuilt from its own file (its
+    backbone's shape from the saved model_args), a LoRA one needs its base checkpoint (or a replacement path)."""
+    from checkpoint import load_classifier, save_classifier
+    from utils import CheckpointError
+
+    config = SimpleNamespace(hidden_dropout_prob=0.0, pretrained_model_path=str(checkpoint), num_labels=3,
+                             option=option, lora_rank=2, lora_alpha=1.0, pooling="last_real", causal=None, batch_size=4)
+    model = LlamaEmbeddingClassifier(config)
+    with torch.no_grad():  # trained-looking weights: every tensor the file must carry moves
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    save_classifier(model, config, tmp_path / "clf.pt")
+    ids, lengths = padded(ROWS)
+    expected = model.eval()(ids, lengths)
+    moved = tmp_path / "moved.pt"
+    checkpoint.rename(moved)
+    if option == "lora":
+        with pytest.raises(FileNotFoundError, match="tiny.pt not found"):
+            load_classifier(tmp_path / "clf.pt")
+        loaded, settings = load_classifier(tmp_path / "clf.pt", pretrained_model_path=moved)
+    else:
+        loaded, settings = load_classifier(tmp_path / "clf.pt")
+    assert settings.batch_size == 4 and settings.option == option
+    torch.testing.assert_close(loaded.eval()(ids, lengths), expected, rtol=0, atol=0)
+    (tmp_path / "other.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="other.pt"):
+        load_classifier(tmp_path / "other.pt")

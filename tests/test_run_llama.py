@@ -50,10 +50,12 @@ def workdir(tmp_path_factory):
     return work, env
 
 
-def run(workdir, *args):
+def run(workdir, *args, base="tiny.pt"):
+    """run_llama.py in the work directory, on the model `base` unless args say otherwise (None: no model given)."""
     work, env = workdir
     started = time.time()
-    result = subprocess.run([sys.executable, str(ROOT / "run_llama.py"), "--pretrained-model-path", "tiny.pt", "--quiet", *args],
+    model = ["--pretrained-model-path", base] if base else []
+    result = subprocess.run([sys.executable, str(ROOT / "run_llama.py"), *model, "--quiet", *args],
                             cwd=work, env=env, capture_output=True, text=True, timeout=600)
     print(f"run_llama {' '.join(args[:2])}: {time.time() - started:.1f}s")
     return result
@@ -266,3 +268,135 @@ def test_batches_pad_with_the_pad_id_on_the_right():
     ids, lengths, labels, sents = next(batches(data, 2, pad_id=9))
     assert ids.tolist() == [[1, 5, 6], [1, 7, 9]] and lengths.tolist() == [3, 2]
     assert labels.tolist() == [0, 1] and sents == ["a", "b"]
+
+
+@pytest.mark.parametrize("option,kind,lr", [("finetune", "finetuning", "1e-3"), ("lora", "lora", "1e-2")])
+def test_predict_reloads_a_saved_classifier(workdir, option, kind, lr):
+    """--option predict writes what the training run wrote for the same test file (the classifier keeps its
+    batch size, on which the course's pooling depends); a fine-tuned classifier needs no other file, a LoRA
+    one its base model (--pretrained-model-path when it has moved). Training also wrote its log."""
+    work = workdir[0]
+    (work / "moved-base.pt").write_bytes((work / "tiny.pt").read_bytes())
+    result = run(workdir, "--option", option, "--pretrained-model-path", "moved-base.pt", "--epochs", "2", "--lr", lr,
+                 "--batch_size", "16", "--filepath", f"saved-{option}.pt", *data_args("easy", kind))
+    assert result.returncode == 0, result.stderr
+    expected = (work / f"easy-test-{kind}-output.txt").read_text()
+    log = (work / f"saved-{option}-log.csv").read_text().splitlines()
+    assert log[0] == "epoch,step,lr,train_loss,train_acc,dev_acc,elapsed" and [r.split(",")[:2] for r in log[1:]] == \
+        [["1", "6"], ["2", "12"]]  # 96 training sentences in batches of 16
+    (work / "moved-base.pt").unlink()
+    predict = ["--option", "predict", "--classifier", f"saved-{option}.pt", "--test", "data/easy-test.txt",
+               "--test_out", f"predicted-{option}.txt"]
+    if option == "lora":
+        result = run(workdir, *predict[:-2], "--test_out", "never.txt", base=None)
+        assert result.returncode == 2 and "moved-base.pt not found" in result.stderr
+        assert "--pretrained-model-path" in result.stderr and not (work / "never.txt").exists()
+        result = run(workdir, *predict, "--pretrained-model-path", "tiny.pt", base=None)
+    else:
+        result = run(workdir, *predict, base=None)
+    assert result.returncode == 0, result.stderr
+    assert (work / f"predicted-{option}.txt").read_text() == expected
+    assert "test acc ::" in result.stdout
+
+
+def test_predict_needs_a_classifier(workdir):
+    work = workdir[0]
+    for args, message in ((["--test_out", "p.txt"], "--option predict needs --classifier CKPT"),
+                          (["--classifier", "tiny.pt", "--test_out", "p.txt"], "tiny.pt: not a classifier checkpoint")):
+        result = run(workdir, "--option", "predict", "--test", "data/easy-test.txt", *args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+        assert not (work / "p.txt").exists()
+
+
+@pytest.fixture(scope="module")
+def short_context(workdir):
+    """A model whose context (16 tokens) is shorter than most CFIMDB reviews."""
+    save_stories_pt(tiny_model(vocab_size=32000, max_seq_len=16), workdir[0] / "short.pt")
+    return "short.pt"
+
+
+@pytest.mark.parametrize("option,kind,pooling", [("prompt", "prompting", "course"), ("prompt", "prompting", "last_real"),
+                                                 ("finetune", "finetuning", "course")])
+def test_sentences_longer_than_the_context_are_cut_to_fit(workdir, short_context, option, kind, pooling):
+    result = run(workdir, "--option", option, "--pretrained-model-path", short_context, "--epochs", "1",
+                 "--pooling", pooling, *data_args("cfimdb", kind))
+    assert result.returncode == 0, result.stderr
+    n = len((workdir[0] / "data" / "cfimdb-dev.txt").read_text().splitlines())
+    warning = [line for line in result.stderr.splitlines() if "data/cfimdb-dev.txt" in line]
+    assert len(warning) == 1 and f"of {n} sentences are longer than the model's context" in warning[0]
+    check_outputs(workdir[0], "cfimdb", kind)
+
+
+def test_generate_takes_a_prompt_and_a_number_of_tokens(workdir):
+    from tokenizer import Tokenizer
+
+    work = workdir[0]
+    result = run(workdir, "--option", "generate", "--pretrained-model-path", "lively.pt", "--prompt", "Once upon a time",
+                 "--max_new_tokens", "7", "--generated_sentence_low_temp_out", "p0.txt",
+                 "--generated_sentence_high_temp_out", "p1.txt", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    tokenizer = Tokenizer(tokenizer_model=workdir[1]["MINILLAMA_TOKENIZER"])
+    for name in ("p0.txt", "p1.txt"):
+        text = (work / name).read_text()
+        assert text.startswith("Once upon a time")
+        assert len(tokenizer.encode(text, bos=False, eos=False)) <= len(tokenizer.encode("Once upon a time", False, False)) + 7
+
+
+def test_generation_longer_than_the_context_is_refused(workdir, short_context):
+    result = run(workdir, "--option", "generate", "--pretrained-model-path", short_context, "--prompt", "Hello there",
+                 "--max_new_tokens", "20", "--generated_sentence_low_temp_out", "long-0.txt")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "context of 16 tokens" in result.stderr and "--max_new_tokens" in result.stderr
+    assert not (workdir[0] / "long-0.txt").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--use_gpu", "--device", "cpu"], "--use_gpu means --device cuda"),
+    (["--device", "mps"], "MPS backend is not available"),
+    (["--device", "cuda"], "CUDA is not available"),
+])
+def test_unavailable_or_conflicting_devices_are_refused(workdir, args, message):
+    if "cuda" in args and torch.cuda.is_available() or "mps" in args and torch.backends.mps.is_available():
+        pytest.skip("the device is available here")
+    result = run(workdir, "--option", "generate", *args, "--generated_sentence_low_temp_out", "dev-0.txt")
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (workdir[0] / "dev-0.txt").exists()
+
+
+@pytest.mark.parametrize("option", ["finetune", "lora", "predict"])
+def test_checkpoint_vocab_smaller_than_tokenizer_in_training_and_predict(workdir, option):
+    work = workdir[0]
+    save_stories_pt(tiny_model(vocab_size=512), work / "small-vocab.pt")
+    if option == "predict":  # a LoRA classifier of the right shape, onto the small-vocabulary base
+        trained = run(workdir, "--option", "lora", "--epochs", "1", "--filepath", "sv-lora.pt", *data_args("easy", "lora"))
+        assert trained.returncode == 0, trained.stderr
+        args = ["--classifier", "sv-lora.pt", "--test", "data/easy-test.txt", "--test_out", "sv-test-out.txt"]
+    else:
+        args = ["--filepath", "sv.pt", *data_args("easy", "finetuning")[:8], "--dev_out", "sv-dev-finetuning-output.txt",
+                "--test_out", "sv-test-out.txt"]
+    result = run(workdir, "--option", option, "--pretrained-model-path", "small-vocab.pt", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "small-vocab.pt" in result.stderr and "512" in result.stderr and "32000" in result.stderr
+    assert not any((work / name).exists() for name in ("sv.pt", "sv-test-out.txt", "sv-dev-finetuning-output.txt"))
+
+
+def test_qlora_with_8bit_adamw_trains_and_its_classifier_reloads(workdir):
+    """--option lora --quantize nf4 --optim adamw8bit (QLoRA, issue 15): the backbone's linear layers are
+    NF4 while training, the easy task is learned, and predict rebuilds the same quantized backbone (the
+    adapters were trained on it) to write the same predictions. --quantize on other options is refused."""
+    work = workdir[0]
+    result = run(workdir, "--option", "lora", "--quantize", "nf4", "--optim", "adamw8bit", "--epochs", "4",
+                 "--lr", "1e-2", "--batch_size", "8", "--hidden_dropout_prob", "0.0", "--filepath", "qlora.pt",
+                 *data_args("easy", "qlora"))
+    assert result.returncode == 0, result.stderr
+    assert accuracy(result.stdout, "dev") >= 0.8, result.stdout
+    saved = torch.load(work / "qlora.pt", weights_only=False)
+    assert saved["model_config"]["quantize"] == "nf4"
+    assert not any("compute_query.base.weight" in k for k in saved["model"])   # adapters and head only
+    predicted = run(workdir, "--option", "predict", "--classifier", "qlora.pt", "--test", "data/easy-test.txt",
+                    "--test_out", "qlora-predicted.txt", base=None)
+    assert predicted.returncode == 0, predicted.stderr
+    assert (work / "qlora-predicted.txt").read_text() == (work / "easy-test-qlora-output.txt").read_text()
+    refused = run(workdir, "--option", "finetune", "--quantize", "nf4", *data_args("easy", "never"))
+    assert refused.returncode == 2 and "--quantize nf4 applies to --option lora" in refused.stderr
+    assert not (work / "easy-test-never-output.txt").exists()

@@ -119,3 +119,83 @@ def test_a_label_equal_to_the_number_of_labels_is_out_of_range(tmp_path):
     (tmp_path / "d.txt").write_text("0 ||| fine\n2 ||| one too many\n")
     with pytest.raises(DataError, match=r"d.txt:2: label 2 is outside 0..1"):
         read_data(tmp_path / "d.txt", 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# help texts
+
+
+def parsers():
+    return {"assignment": run_llama.build_parser(), "pretrain": run_llama.pretrain_parser(),
+            "export": run_llama.export_parser()}
+
+
+@pytest.mark.parametrize("name", ["assignment", "pretrain", "export"])
+def test_every_flag_has_help_that_shows_its_default(name):
+    parser = parsers()[name]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings} has no help text"
+        shown = formatter._get_help_string(action)
+        assert "default" in shown or action.required, f"{action.option_strings}: no default shown"
+
+
+@pytest.mark.parametrize("option", ["generate", "prompt", "finetune", "lora", "predict", "pretrain", "export",
+                                    "codegen", "code_eval", "code_generate", "serve"])
+def test_help_works_for_every_option(option, capsys):
+    try:
+        status = run_llama.main(["--option", option, "--help"])
+    except SystemExit as e:
+        status = e.code
+    out = capsys.readouterr().out
+    assert status == 0 and out.startswith("usage:")
+
+
+def test_top_level_help_says_where_the_other_options_flags_are(capsys):
+    with pytest.raises(SystemExit):
+        run_llama.main(["--help"])
+    out = capsys.readouterr().out
+    for option in ("pretrain", "export", "codegen"):
+        assert f"--option {option} --help" in out
+    assert "code_eval, code_generate, serve" in out
+
+
+# ----------------------------------------------------------------------------------------------
+# sentences longer than the model's context
+
+
+class WordTokenizer:
+    """One id per distinct word, BOS = 1: enough to see what encode_all keeps."""
+
+    def __init__(self):
+        self.ids = {}
+
+    def encode(self, s, bos, eos):
+        return [1] * bos + [self.ids.setdefault(w, len(self.ids) + 2) for w in s.split()]
+
+
+def test_a_sentence_too_long_for_the_context_keeps_its_start_and_the_prompt(capsys):
+    tok = WordTokenizer()
+    examples = [(0, "a b c d e f g"), (1, "short one")]
+    encoded = run_llama.encode_all(examples, tok, 6, suffix="This movie is", path="d.txt")
+    prompt = tok.encode("This movie is", False, False)
+    (_, cut, _), (_, kept, _) = encoded
+    assert cut == [1] + tok.encode("a b", False, False) + prompt  # 6 tokens: BOS, the start, the whole prompt
+    assert kept == tok.encode("short one This movie is", True, False)
+    assert "d.txt: 1 of 2 sentences are longer than the model's context of 6 tokens" in capsys.readouterr().err
+    assert [ids for _, ids, _ in run_llama.encode_all(examples, tok, 4)] == [[1, *tok.encode("a b c", 0, 0)],
+                                                                          tok.encode("short one", 1, 0)]
+
+
+def test_nothing_is_cut_or_said_when_everything_fits(capsys):
+    tok = WordTokenizer()
+    examples = [(0, "a b c")]
+    assert run_llama.encode_all(examples, tok, 4) == [(0, tok.encode("a b c", True, False), "a b c")]
+    assert capsys.readouterr().err == ""
+
+
+def test_predict_without_test_out_is_a_usage_error(tmp_path, capsys):
+    assert run_llama.main(["--option", "predict", "--classifier", str(tmp_path / "c.pt")]) == 2
+    assert "--option predict needs --classifier CKPT" in capsys.readouterr().err
