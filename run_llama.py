@@ -1,13 +1,16 @@
 """The assignment's command line: text generation, zero-shot prompting, fine-tuning and LoRA.
 
-    python run_llama.py --option generate
+    python run_llama.py --option generate [--prompt TEXT --max_new_tokens 75]
     python run_llama.py --option prompt   --batch_size 10 --train data/sst-train.txt ... --dev_out sst-dev-prompting-output.txt ...
     python run_llama.py --option finetune --epochs 5 --lr 2e-5 --batch_size 80 ...
     python run_llama.py --option lora     --epochs 5 --lr 2e-5 --batch_size 80 --lora_rank 4 --lora_alpha 1.0 ...
+    python run_llama.py --option predict  --classifier finetune-5-2e-05.pt --test FILE --test_out FILE
+    python run_llama.py --option pretrain --out base.pt          (a model from scratch: --option pretrain --help)
     python run_llama.py --option export   --pretrained-model-path SRC --format {hf,peft,gguf,llama2c} --out DEST
 
 Data lines are `label ||| sentence`; label-name files are JSON lists. Every output file has one
-`predicted_label ||| sentence` line per input line, in input order.
+`predicted_label ||| sentence` line per input line, in input order. Sentences longer than the model's
+context lose their last tokens (a warning says how many); the zero-shot prompt is kept.
 """
 import argparse
 import json
@@ -22,21 +25,28 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 from classifier import POOLINGS, LlamaEmbeddingClassifier, LlamaZeroShotClassifier
-from checkpoint import load_classifier, load_pretrained, save_classifier
-from optimizer import AdamW
+from checkpoint import check_vocab, load_classifier, load_pretrained, save_classifier
+from optimizer import AdamW, AdamW8bit
+from quantize import KINDS, quantize_model
 from tokenizer import Tokenizer
-from utils import DTYPES, CheckpointError, DataError, UsageError, atomic_write_text, pick_device, seed_everything
+from training import CsvLog, log_path, plot_curves
+from utils import DEVICES, DTYPES, DataError, UsageError, atomic_write_text, pick_device, seed_everything
 
 GENERATE_PROMPT = ("Victor Frankenstein, a young scientist obsessed with uncovering the secrets of life, "
                    "succeeds in animating a creature assembled from")
 
 
 CODEGEN_OPTIONS = ("codegen", "code_eval", "code_generate", "serve")
+ASSIGNMENT_OPTIONS = ("generate", "prompt", "finetune", "lora", "predict")  # this file's parser (get_args)
+TRAINING_OPTIONS = ("finetune", "lora")  # these run under torchrun too (distributed.py)
+DEFAULT_CHECKPOINT = "stories42M.pt"
+DEFAULT_BATCH_SIZE = 8
 
 # Numeric flags with a limited range: name -> (whether a value is valid, the rule the message states).
 VALUE_RULES = {
-    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v is None or v >= 1, ">= 1"),
     "epochs": (lambda v: v >= 1, ">= 1 (training saves the model of its best epoch)"),
     "lr": (lambda v: v > 0, "> 0"),
     "lora_rank": (lambda v: v >= 1, ">= 1"),
@@ -44,6 +54,7 @@ VALUE_RULES = {
     "hidden_dropout_prob": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "max_sentence_len": (lambda v: v is None or v >= 1, ">= 1 (tokens kept of each sentence; BOS comes on top)"),
     "epsilon": (lambda v: 0 <= v < 1, "in [0, 1) (a probability floor)"),
+    "max_new_tokens": (lambda v: v >= 1, ">= 1"),
 }
 
 
@@ -116,10 +127,30 @@ def parse_line(path, lineno, line, num_labels, unknown_ok):
     return label, sentence.strip()
 
 
-def encode_all(examples, tokenizer, suffix=""):
-    """[(label, token_ids, sentence)]; the suffix (the zero-shot prompt) is appended before encoding."""
-    return [(label, tokenizer.encode(f"{sent} {suffix}" if suffix else sent, bos=True, eos=False), sent)
-            for label, sent in examples]
+def encode_all(examples, tokenizer, max_tokens: int, suffix="", path=None):
+    """[(label, token_ids, sentence)]; the suffix (the zero-shot prompt) is appended before encoding.
+    An example longer than max_tokens (the model's context; BOS and prompt included) keeps its first
+    tokens and the whole prompt; a warning naming `path` counts them."""
+    tail = tokenizer.encode(suffix, bos=False, eos=False) if suffix else []
+    encoded, cut = [], 0
+    for label, sent in examples:
+        ids = tokenizer.encode(f"{sent} {suffix}" if suffix else sent, bos=True, eos=False)
+        if len(ids) > max_tokens:
+            ids, cut = ids[: max(1, max_tokens - len(tail))] + tail[: max_tokens - 1], cut + 1
+        encoded.append((label, ids, sent))
+    if cut and distributed.is_main():
+        print(f"warning: {path}: {cut} of {len(examples)} sentences are longer than the model's context of {max_tokens} "
+              f"tokens{' with the prompt' if suffix else ''}: each keeps its first tokens"
+              f"{' and the prompt' if suffix else ''} (--max_sentence_len sets a shorter limit)", file=sys.stderr)
+    return encoded
+
+
+def context_tokens(model) -> int:
+    """The most tokens of one example (BOS and prompt included) the classifier can read: the model's
+    context, less the label tokens that zero-shot `last_real` scoring writes after the example."""
+    if isinstance(model, LlamaZeroShotClassifier) and model.pooling == "last_real":
+        return model.llama.config.max_seq_len - (max(len(ids) for ids in model.label_name_ids) - 1)
+    return model.llama.config.max_seq_len
 
 
 def batches(data, batch_size, pad_id, shuffle=False, generator=None):
@@ -133,6 +164,17 @@ def batches(data, batch_size, pad_id, shuffle=False, generator=None):
             token_ids[row, : len(ids)] = torch.tensor(ids)
         labels = torch.tensor([label for label, _, _ in chunk])
         yield token_ids, lengths, labels, [sent for _, _, sent in chunk]
+
+
+def rank_rows(batch) -> tuple:
+    """(token_ids, lengths, labels, rows) of this rank's rows of a global batch (under torchrun a batch holds
+    --batch_size x world sentences, drawn as one process with that batch size draws them; in one process, all
+    of it): distributed.shard's contiguous share, possibly none, still padded to the whole batch's width, as
+    the course's pooling reads the batch's last position. rows: their places in the batch."""
+    token_ids, lengths, labels, _ = batch
+    rows = distributed.shard(range(len(labels)))
+    part = slice(rows[0], rows[-1] + 1) if rows else slice(0, 0)
+    return token_ids[part], lengths[part], labels[part], rows
 
 
 def zero_shot_suffix(label_names) -> str:
@@ -150,17 +192,21 @@ def zero_shot_suffix(label_names) -> str:
 
 @torch.no_grad()
 def model_eval(data, model, args, device, desc="eval"):
-    """Accuracy (None when the labels are UNKNOWN_LABEL placeholders), predictions and sentences, in input order."""
+    """Accuracy (None when the labels are UNKNOWN_LABEL placeholders), predictions and sentences, in input order.
+    Under torchrun each rank scores its rows of every global batch and the predictions are gathered: every
+    rank returns what one process with a batch of --batch_size x world would."""
     model.eval()
-    preds, golds, sents = [], [], []
-    n_batches = (len(data) + args.batch_size - 1) // args.batch_size
-    for ids, lengths, labels, batch_sents in tqdm(batches(data, args.batch_size, args.pad_id), total=n_batches,
-                                                  desc=desc, disable=args.quiet):
-        with autocast(args, device):
-            scores = model(ids.to(device), lengths.to(device))
-        preds += scores.argmax(dim=-1).tolist()
-        golds += labels.tolist()
-        sents += batch_sents
+    size = args.batch_size * distributed.world_size()
+    found = []  # (place in data, prediction) of this rank's sentences
+    for k, batch in enumerate(tqdm(batches(data, size, args.pad_id), total=(len(data) + size - 1) // size, desc=desc,
+                                   disable=args.quiet)):
+        ids, lengths, _, rows = rank_rows(batch)
+        if rows:
+            with autocast(args, device):
+                scores = model(ids.to(device), lengths.to(device))
+            found += zip([k * size + row for row in rows], scores.argmax(dim=-1).tolist())
+    preds = [pred for _, pred in sorted(distributed.gather(found))]
+    golds, sents = [label for label, _, _ in data], [sent for _, _, sent in data]
     if golds[0] == UNKNOWN_LABEL:  # read_data allows placeholders only on every line of a file
         return None, preds, sents
     return sum(p == g for p, g in zip(preds, golds)) / len(golds), preds, sents
@@ -177,23 +223,34 @@ def predictions_text(preds, sents) -> str:
 
 
 def evaluate_and_write(model, dev, test, args, device):
-    """Evaluate dev and test, print accuracies in the course's format, then write both files."""
+    """Evaluate dev and test, print accuracies in the course's format, then write both files (rank 0)."""
     dev_acc, dev_pred, dev_sents = model_eval(dev, model, args, device, "eval-dev")
     test_acc, test_pred, test_sents = model_eval(test, model, args, device, "eval-test")
-    print(accuracy_line("dev", dev_acc))
-    print(accuracy_line("test", test_acc))
-    atomic_write_text(args.dev_out, predictions_text(dev_pred, dev_sents))
-    atomic_write_text(args.test_out, predictions_text(test_pred, test_sents))
-    print(f"wrote {args.dev_out} and {args.test_out}")
+    say(accuracy_line("dev", dev_acc))
+    say(accuracy_line("test", test_acc))
+    if distributed.is_main():
+        atomic_write_text(args.dev_out, predictions_text(dev_pred, dev_sents))
+        atomic_write_text(args.test_out, predictions_text(test_pred, test_sents))
+    say(f"wrote {args.dev_out} and {args.test_out}")
     return dev_acc, test_acc
 
 
+def say(*args, **kwargs) -> None:
+    """print, by rank 0 alone under torchrun (every rank runs the same lines)."""
+    if distributed.is_main():
+        print(*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------
-# The four options
+# The options
 
 
 def get_device(args):
-    device = pick_device(args.use_gpu)
+    """--device / --use_gpu's device; for finetune and lora under torchrun this rank's, in the process group
+    (distributed.setup)."""
+    device = pick_device(args.device, args.use_gpu)
+    if args.option in TRAINING_OPTIONS:
+        device = distributed.setup(device.type, args.dist_timeout)
     if device.type == "cuda" and args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -218,12 +275,8 @@ def model_overrides(args) -> dict:
     return {} if args.causal is None else {"causal": args.causal}
 
 
-def check_vocab(llama, tokenizer, path):
-    """A checkpoint trained with a smaller tokenizer would fail deep inside the embedding lookup."""
-    if llama.config.vocab_size < tokenizer.n_words:
-        raise CheckpointError(f"{path}: the checkpoint's vocabulary has {llama.config.vocab_size} tokens, fewer than "
-                              f"the tokenizer's {tokenizer.n_words}; pass --pretrained-model-path to a checkpoint "
-                              "trained with this tokenizer (e.g. stories42M.pt)")
+VOCAB_FIX = "pass --pretrained-model-path to a checkpoint trained with this tokenizer (e.g. stories42M.pt, or one " \
+            "--option pretrain wrote), or set MINILLAMA_TOKENIZER to the tokenizer it was trained with"
 
 
 def generation_tokenizer(args):
@@ -235,16 +288,29 @@ def generation_tokenizer(args):
     return Tokenizer(args.max_sentence_len)
 
 
+def check_generation_fits(n_prompt: int, args, max_seq_len: int) -> None:
+    """The prompt and the new tokens must fit the model's context (positions past it have no meaning)."""
+    if n_prompt + args.max_new_tokens <= max_seq_len:
+        return
+    fixes = [f"--max_new_tokens {max_seq_len - n_prompt}"] if n_prompt < max_seq_len else []
+    if args.max_new_tokens < max_seq_len - 1:
+        fixes.append(f"--max_sentence_len {max_seq_len - 1 - args.max_new_tokens} (keeps the prompt's first tokens)")
+    raise UsageError(f"the prompt ({n_prompt} tokens with BOS) and --max_new_tokens {args.max_new_tokens} do not fit "
+                     f"the model's context of {max_seq_len} tokens; pass " + " or ".join(fixes or ["a shorter --prompt"]))
+
+
 def generate_sentences(args, device):
     tokenizer = generation_tokenizer(args)
     llama = load_pretrained(args.pretrained_model_path, dtype=DTYPES[args.dtype], adapter=args.adapter, **model_overrides(args))
-    check_vocab(llama, tokenizer, args.pretrained_model_path)
+    check_vocab(llama, tokenizer, args.pretrained_model_path, VOCAB_FIX)
+    prompt_ids = tokenizer.encode(args.prompt, bos=True, eos=False)
+    check_generation_fits(len(prompt_ids), args, llama.config.max_seq_len)
     llama = prepare(llama, args, device).eval()
-    prompt = torch.tensor([tokenizer.encode(GENERATE_PROMPT, bos=True, eos=False)], device=device)
+    prompt = torch.tensor([prompt_ids], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for temperature, outfile in ((0.0, args.generated_sentence_low_temp_out), (1.0, args.generated_sentence_high_temp_out)):
         with autocast(args, device):
-            out = llama.generate(prompt, 75, temperature=temperature, epsilon=args.epsilon,
+            out = llama.generate(prompt, args.max_new_tokens, temperature=temperature, epsilon=args.epsilon,
                                  generator=generator, eos_id=tokenizer.eos_id)
         sentence = tokenizer.decode(out[0].tolist())
         print(f"Temperature is {temperature}\n{sentence}\n---------------")
@@ -255,115 +321,239 @@ def generate_sentences(args, device):
 def test_with_prompting(args, device):
     tokenizer = Tokenizer(args.max_sentence_len)
     label_names = read_label_names(args.label_names)
-    suffix = zero_shot_suffix(label_names)
-    dev = encode_all(read_data(args.dev, len(label_names), unknown_ok=True), tokenizer, suffix)
-    test = encode_all(read_data(args.test, len(label_names), unknown_ok=True), tokenizer, suffix)
+    dev = read_data(args.dev, len(label_names), unknown_ok=True)
+    test = read_data(args.test, len(label_names), unknown_ok=True)
     config = SimpleNamespace(pretrained_model_path=args.pretrained_model_path, num_labels=len(label_names),
                              pooling=args.pooling, causal=args.causal)
     model = LlamaZeroShotClassifier(config, tokenizer, label_names)
-    check_vocab(model.llama, tokenizer, args.pretrained_model_path)
-    model = prepare(model, args, device)
-    return evaluate_and_write(model, dev, test, args, device)
+    check_vocab(model.llama, tokenizer, args.pretrained_model_path, VOCAB_FIX)
+    suffix, context = zero_shot_suffix(label_names), context_tokens(model)
+    dev = encode_all(dev, tokenizer, context, suffix, args.dev)
+    test = encode_all(test, tokenizer, context, suffix, args.test)
+    return evaluate_and_write(prepare(model, args, device), dev, test, args, device)
+
+
+CLASSIFIER_LOG = ("epoch", "step", "lr", "train_loss", "train_acc", "dev_acc", "elapsed")
 
 
 def train(args, device):
-    """Fine-tune (all weights, or LoRA adapters) and keep the checkpoint with the best dev accuracy."""
+    """Fine-tune (all weights, or LoRA adapters) and keep the checkpoint with the best dev accuracy;
+    each epoch is a row of NAME-log.csv beside the checkpoint NAME.pt (and its plot, NAME-log.png).
+    Under torchrun the ranks train as one process with a batch of --batch_size x world (distributed.py)."""
     tokenizer = Tokenizer(args.max_sentence_len)
     num_labels = len(read_label_names(args.label_names))
-    train_data = encode_all(read_data(args.train, num_labels), tokenizer)
-    dev = encode_all(read_data(args.dev, num_labels), tokenizer)
-    test = encode_all(read_data(args.test, num_labels, unknown_ok=True), tokenizer)  # checked now, not after training
+    train_data, dev = read_data(args.train, num_labels), read_data(args.dev, num_labels)
+    test = read_data(args.test, num_labels, unknown_ok=True)  # checked now, not after training
     config = SimpleNamespace(hidden_dropout_prob=args.hidden_dropout_prob, pretrained_model_path=args.pretrained_model_path,
                              num_labels=num_labels, option=args.option, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                             pooling=args.pooling, causal=args.causal)
+                             pooling=args.pooling, causal=args.causal, batch_size=args.batch_size,
+                             max_sentence_len=args.max_sentence_len, quantize=args.quantize)
     model = LlamaEmbeddingClassifier(config)
-    check_vocab(model.llama, tokenizer, args.pretrained_model_path)
+    check_vocab(model.llama, tokenizer, args.pretrained_model_path, VOCAB_FIX)
+    quantize_model(model.llama, args.quantize)  # QLoRA: the frozen backbone in NF4 (or int8), the head in fp32
+    context = context_tokens(model)
+    train_data, dev, test = (encode_all(data, tokenizer, context, path=path) for data, path in
+                             ((train_data, args.train), (dev, args.dev), (test, args.test)))
     model = prepare(model, args, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    print(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,}")
-    optimizer = AdamW(trainable, lr=args.lr, foreach=device.type == "cuda")
+    say(f"trainable parameters: {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,}")
+    optimizer = (AdamW8bit(trainable, lr=args.lr) if args.optim == "adamw8bit"
+                 else AdamW(trainable, lr=args.lr, foreach=device.type == "cuda"))
+    par = distributed.Parallel(model, optimizer, args.fsdp)
+    distributed.seed_ranks(args.seed)  # each rank its own dropout masks
+    world = distributed.world_size()
+    say(f"effective batch {args.batch_size * world} sentences per step (--batch_size {args.batch_size} x {world} "
+        f"rank(s)); {par.describe()}"
+        + (" (--fsdp ignored: not launched by torchrun)" if args.fsdp and world == 1 else ""))
     generator = torch.Generator().manual_seed(args.seed)
-    best_dev_acc = -1.0
+    log = CsvLog(log_path(args.filepath, ".csv"), CLASSIFIER_LOG) if distributed.is_main() else None
+    started, best_dev_acc = time.time(), -1.0
+    steps_per_epoch = (len(train_data) + args.batch_size * world - 1) // (args.batch_size * world)
     for epoch in range(args.epochs):
-        model.train()
-        train_loss, n_batches = 0.0, 0
-        for ids, lengths, labels, _ in tqdm(batches(train_data, args.batch_size, args.pad_id, True, generator),
-                                            total=(len(train_data) + args.batch_size - 1) // args.batch_size,
-                                            desc=f"train-{epoch}", disable=args.quiet):
-            optimizer.zero_grad()
-            with autocast(args, device):
-                logits = model(ids.to(device), lengths.to(device))
-            loss = F.nll_loss(logits, labels.to(device), reduction="sum") / args.batch_size
-            loss.backward()
-            optimizer.step()
-            train_loss, n_batches = train_loss + loss.item(), n_batches + 1
-        train_acc, *_ = model_eval(train_data, model, args, device, "eval-train")
-        dev_acc, *_ = model_eval(dev, model, args, device, "eval-dev")
-        if dev_acc > best_dev_acc:
+        train_loss = train_epoch(par, train_data, generator, args, device, epoch)
+        with par.local() as local:
+            train_acc, *_ = model_eval(train_data, local, args, device, "eval-train")
+            dev_acc, *_ = model_eval(dev, local, args, device, "eval-dev")
+        if log is not None:
+            log.write(epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch, lr=args.lr, train_loss=train_loss,
+                      train_acc=train_acc, dev_acc=dev_acc, elapsed=time.time() - started)
+        if dev_acc > best_dev_acc:  # the same decision on every rank: the predictions are gathered
             best_dev_acc = dev_acc
-            save_classifier(model, config, args.filepath)
-            print(f"save the model to {args.filepath}")
-        print(f"epoch {epoch}: train loss :: {train_loss / n_batches :.3f}, train acc :: {train_acc :.3f}, dev acc :: {dev_acc :.3f}")
+            with par.full() as (whole, _):  # every rank takes part (FSDP2 gathers the shards); rank 0 saves
+                if whole is not None:
+                    save_classifier(whole, config, args.filepath)
+            say(f"save the model to {args.filepath}")
+        say(f"epoch {epoch}: train loss :: {train_loss :.3f}, train acc :: {train_acc :.3f}, dev acc :: {dev_acc :.3f}")
+    if log is not None:
+        plot = plot_curves(log.path, log_path(args.filepath, ".png"),
+                           [("loss", ["train_loss"]), ("accuracy", ["train_acc", "dev_acc"])], x="epoch")
+        print(f"wrote {log.path}" + (f" and {plot}" if plot else " (no plot: matplotlib is not installed)"))
     return dev, test
 
 
+def train_epoch(par, data, generator, args, device, epoch) -> float:
+    """One epoch of steps, in a fresh shuffle of the data; returns the mean of the steps' losses (all ranks').
+
+    The course's loss of a step is the summed negative log-likelihood of its sentences over --batch_size.
+    Under torchrun a step's global batch of size = --batch_size x world sentences is split among the ranks,
+    and DDP (or FSDP2) averages their gradients: a rank backpropagates its summed loss x world / size, so the
+    step's gradient is the summed loss of the whole global batch over size, exactly one process's."""
+    world = distributed.world_size()
+    size = args.batch_size * world
+    par.model.train()
+    total, steps = 0.0, 0
+    for batch in tqdm(batches(data, size, args.pad_id, True, generator), total=(len(data) + size - 1) // size,
+                      desc=f"train-{epoch}", disable=args.quiet):
+        ids, lengths, labels, rows = rank_rows(batch)
+        if not rows:  # a last global batch smaller than the world: a row of padding, which carries no loss
+            # but runs the forward and backward that every rank takes part in
+            ids, lengths = torch.full_like(batch[0][:1], args.pad_id), torch.ones(1, dtype=torch.long)
+        par.optimizer.zero_grad()
+        with autocast(args, device):
+            logits = par.model(ids.to(device), lengths.to(device))
+        loss_sum = F.nll_loss(logits[: len(rows)], labels.to(device), reduction="sum")
+        (loss_sum * world / size).backward()
+        par.finish_gradients()
+        par.optimizer.step()
+        total, steps = total + (loss_sum / size).item(), steps + 1
+    return distributed.all_reduce([total])[0] / steps
+
+
 def test(args, device, dev, test_data):
-    model = load_classifier(args.filepath)
-    print(f"load model from {args.filepath}")
+    """The best classifier, reloaded from its file, on dev and test, in batches of --batch_size x world (as the
+    ranks evaluated it). Under torchrun the ranks leave the process group first and rank 0 alone evaluates
+    (the file it saved may be on its machine only); the others return None."""
+    world, main_rank = distributed.world_size(), distributed.is_main()
+    distributed.teardown()
+    if not main_rank:
+        return None
+    args = argparse.Namespace(**{**vars(args), "batch_size": args.batch_size * world})
+    model, _ = load_classifier(args.filepath)
+    say(f"load model from {args.filepath}")
     return evaluate_and_write(prepare(model, args, device), dev, test_data, args, device)
+
+
+def predict(args, device):
+    """--option predict: a classifier that --option finetune / lora saved, on --test, written to --test_out in
+    the training options' format; the batch size and sentence length it was trained with, unless given."""
+    if args.classifier is None or args.test_out is None:
+        raise UsageError("--option predict needs --classifier CKPT (a finetune-*.pt or lora-*.pt that --option "
+                         "finetune / lora saved) and --test_out FILE")
+    model, settings = load_classifier(args.classifier, args.pretrained_model_path)
+    for name in ("batch_size", "max_sentence_len"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(settings, name, None))
+    args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    tokenizer = Tokenizer(args.max_sentence_len)
+    backbone = args.classifier if settings.option == "finetune" else settings.pretrained_model_path  # see load_classifier
+    check_vocab(model.llama, tokenizer, backbone, VOCAB_FIX)
+    test = encode_all(read_data(args.test, model.num_labels, unknown_ok=True), tokenizer, context_tokens(model),
+                      path=args.test)
+    accuracy, preds, sents = model_eval(test, prepare(model, args, device), args, device, "predict")
+    print(accuracy_line("test", accuracy))
+    atomic_write_text(args.test_out, predictions_text(preds, sents))
+    print(f"wrote {args.test_out}")
 
 
 # ----------------------------------------------------------------------------------------------
 
 
-def get_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", type=str, default="data/cfimdb-train.txt")
-    parser.add_argument("--dev", type=str, default="data/cfimdb-dev.txt")
-    parser.add_argument("--test", type=str, default="data/cfimdb-test.txt")
-    parser.add_argument("--label-names", type=str, default="data/cfimdb-label-mapping.json")
-    parser.add_argument("--pretrained-model-path", type=str, default="stories42M.pt")
-    parser.add_argument("--max_sentence_len", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--epochs", type=int, default=5)
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and every flag's default after its help (a None default is explained in
+    the help text itself)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+TOP_LEVEL_EPILOG = """other options have flags of their own; each lists them:
+  python run_llama.py --option pretrain --help        train a model from scratch on text (pretrain.py)
+  python run_llama.py --option export --help          the model in another tool's format
+  python run_llama.py --option codegen --help         (and code_eval, code_generate, serve: codegen/)"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of the assignment's options (ASSIGNMENT_OPTIONS); every option accepts all of them."""
+    parser = argparse.ArgumentParser(description=__doc__, epilog=TOP_LEVEL_EPILOG, formatter_class=HelpFormatter)
     parser.add_argument("--option", type=str, default="generate",
-                        choices=("generate", "prompt", "finetune", "lora", *CODEGEN_OPTIONS, "export"),
+                        choices=(*ASSIGNMENT_OPTIONS, "pretrain", *CODEGEN_OPTIONS, "export"),
                         help="generate: continue a prompt; prompt: zero-shot classification; "
-                             "finetune: train every weight; lora: train LoRA adapters; "
-                             "codegen, code_eval, code_generate, serve: code generation (see codegen/cli.py); "
-                             "export: the model in another tool's format (--option export --help)")
-    parser.add_argument("--use_gpu", action="store_true")
-    parser.add_argument("--generated_sentence_low_temp_out", type=str, default="generated-sentence-temp-0.txt")
-    parser.add_argument("--generated_sentence_high_temp_out", type=str, default="generated-sentence-temp-1.txt")
-    parser.add_argument("--dev_out", type=str, default="cfimdb-dev-prompting-output.txt")
-    parser.add_argument("--test_out", type=str, default="cfimdb-test-prompting-output.txt")
-    parser.add_argument("--batch_size", type=int, default=8, help="sst: 64, cfimdb: 8 fit a 12GB GPU")
-    parser.add_argument("--hidden_dropout_prob", type=float, default=0.3)
-    parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--lora_rank", type=int, default=4)
-    parser.add_argument("--lora_alpha", type=float, default=1.0)
+                             "finetune: train every weight; lora: train LoRA adapters; predict: a saved classifier "
+                             "on --test; pretrain, export and the code options (codegen, code_eval, code_generate, "
+                             "serve): see `--option X --help`")
+    parser.add_argument("--train", type=str, default="data/cfimdb-train.txt", help="training data (finetune, lora)")
+    parser.add_argument("--dev", type=str, default="data/cfimdb-dev.txt", help="dev data, scored every epoch")
+    parser.add_argument("--test", type=str, default="data/cfimdb-test.txt",
+                        help="test data (-1 labels on every line: predictions without accuracy)")
+    parser.add_argument("--label-names", type=str, default="data/cfimdb-label-mapping.json",
+                        help="a JSON list of the label names")
+    parser.add_argument("--pretrained-model-path", type=str, default=None,
+                        help=f"the model: a stories42M.pt-format .pt, a llama2.c .bin or a Hugging Face folder "
+                             f"(generate); default: {DEFAULT_CHECKPOINT}, and for predict the one the classifier "
+                             "was trained on")
+    parser.add_argument("--max_sentence_len", type=int, default=None,
+                        help="keep only the first N tokens of each sentence (and of the prompt); default: no limit "
+                             "but the model's context (predict: the classifier's own)")
+    parser.add_argument("--seed", type=int, default=1337, help="random seed")
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs")
+    parser.add_argument("--use_gpu", action="store_true", help="the course's name for --device cuda")
+    parser.add_argument("--device", choices=DEVICES, default=None,
+                        help="cpu, cuda, mps, or auto (CUDA, else MPS, else the CPU); default: cpu, as the course "
+                             "(cuda with --use_gpu)")
+    parser.add_argument("--generated_sentence_low_temp_out", type=str, default="generated-sentence-temp-0.txt",
+                        help="generate: the temperature-0 continuation")
+    parser.add_argument("--generated_sentence_high_temp_out", type=str, default="generated-sentence-temp-1.txt",
+                        help="generate: the temperature-1 continuation")
+    parser.add_argument("--dev_out", type=str, default="cfimdb-dev-prompting-output.txt",
+                        help="the dev predictions (prompt, finetune, lora)")
+    parser.add_argument("--test_out", type=str, default=None,
+                        help="the test predictions; default: cfimdb-test-prompting-output.txt (predict: required)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help=f"sentences per batch; default: {DEFAULT_BATCH_SIZE} (predict: the classifier's own); "
+                             "sst: 64, cfimdb: 8 fit a 12GB GPU")
+    parser.add_argument("--hidden_dropout_prob", type=float, default=0.3, help="dropout before the classifier head")
+    parser.add_argument("--lr", type=float, default=2e-5, help="learning rate (finetune, lora)")
+    parser.add_argument("--lora_rank", type=int, default=4, help="LoRA rank (lora)")
+    parser.add_argument("--lora_alpha", type=float, default=1.0, help="LoRA scale alpha (the update is alpha / rank * BA)")
+    parser.add_argument("--quantize", choices=KINDS, default="none",
+                        help="lora only: hold the frozen backbone's linear layers in NF4 (QLoRA) or int8 (quantize.py)")
+    parser.add_argument("--optim", choices=("adamw", "adamw8bit"), default="adamw",
+                        help="finetune/lora: the course's AdamW, or AdamW8bit (moments in 8 bits, optimizer.py)")
     # additions (all optional)
+    parser.add_argument("--prompt", default=GENERATE_PROMPT, help="generate: the text to continue (the course's)")
+    parser.add_argument("--max_new_tokens", type=int, default=75, help="generate: tokens to generate")
     parser.add_argument("--epsilon", type=float, default=0.05,
-                        help="epsilon-sampling threshold for generate (default 0.05, the course's)")
+                        help="generate: epsilon-sampling threshold at temperature 1 (the course's)")
+    parser.add_argument("--classifier", default=None,
+                        help="predict: a classifier that finetune / lora saved (their --filepath); no default: required there")
     parser.add_argument("--pooling", choices=POOLINGS, default="course",
                         help="course: what the course's classifiers compute (the batch's last position, pads "
                              "attended; the reference accuracies' setting); last_real: each sentence's last real "
                              "token, pads masked (results independent of the batch)")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
-                        help="causal attention mask on or off (default: the checkpoint's own; a plain "
+                        help="causal attention mask on or off; default: the checkpoint's own (a plain "
                              "stories42M.pt is non-causal, as the course's reference computed it)")
     parser.add_argument("--filepath", type=str, default=None, help="where the best checkpoint goes "
-                        "(default: <option>-<epochs>-<lr>.pt, as in the course)")
+                        "(finetune, lora); default: <option>-<epochs>-<lr>.pt, as in the course; its log: "
+                        "<name>-log.csv beside it")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 matmuls (GPU)")
     parser.add_argument("--sdpa", action=argparse.BooleanOptionalAction, default=None,
-                        help="fused attention kernel (default: on for GPU, off for CPU)")
+                        help="fused attention kernel; default: on for GPU, off for CPU")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="--option generate: the dtype the weights are stored in (default float32)")
+                        help="generate: the dtype the weights are stored in")
     parser.add_argument("--adapter", default=None,
-                        help="--option generate: a LoRA adapter applied to the model (a PEFT folder, or a LoRA code "
-                             "training's best_adapter.pt)")
+                        help="generate: a LoRA adapter applied to the model (a PEFT folder, or a LoRA code "
+                             "training's best_adapter.pt); default: none")
+    distributed.add_arguments(parser.add_argument_group("finetune and lora under torchrun (see distributed.py)"))
+    return parser
+
+
+def get_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name, (valid, rule) in VALUE_RULES.items():
         if not valid(getattr(args, name)):
@@ -373,6 +563,18 @@ def get_args(argv=None):
                      "train and evaluate in float32 (use --bf16 for bf16 autocast)")
     if args.adapter is not None and args.option != "generate":
         parser.error(f"--adapter applies to --option generate (and the code options), not --option {args.option}")
+    if args.quantize != "none" and args.option != "lora":
+        parser.error(f"--quantize {args.quantize} applies to --option lora (QLoRA: a frozen, quantized backbone); "
+                     f"--option {args.option} trains or uses every weight in full precision")
+    if args.optim != "adamw" and args.option not in ("finetune", "lora"):
+        parser.error(f"--optim applies to --option finetune and lora, not --option {args.option}")
+    if args.optim == "adamw8bit" and args.fsdp:
+        parser.error("--fsdp with --optim adamw8bit: the 8-bit optimizer quantizes whole tensors in blocks, not "
+                     "FSDP2's shards; use DDP (drop --fsdp) or --optim adamw")
+    if args.option != "predict":  # predict takes these from the classifier (see predict)
+        args.pretrained_model_path = args.pretrained_model_path or DEFAULT_CHECKPOINT
+        args.batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+        args.test_out = args.test_out or "cfimdb-test-prompting-output.txt"
     args.filepath = args.filepath or f"{args.option}-{args.epochs}-{args.lr}.pt"
     return args
 
@@ -390,11 +592,14 @@ def requested_option(argv):
 
 def check_output_names(args):
     """Warn about names the grader will not find; refuse paths that cannot be written, before any work."""
-    kind = {"prompt": "prompting", "finetune": "finetuning", "lora": "lora"}[args.option]
-    for split, out in (("dev", args.dev_out), ("test", args.test_out)):
+    kind = {"prompt": "prompting", "finetune": "finetuning", "lora": "lora", "predict": None}[args.option]
+    outputs = (("test", args.test_out),) if kind is None else (("dev", args.dev_out), ("test", args.test_out))
+    for split, out in outputs:
+        if out is None:
+            continue
         if Path(out).is_dir() or (Path(out).parent.exists() and not Path(out).parent.is_dir()):
             raise UsageError(f"--{split}_out {out}: cannot write a file there; pass a file path")
-        if not out.endswith(f"{split}-{kind}-output.txt"):
+        if kind is not None and not out.endswith(f"{split}-{kind}-output.txt") and distributed.is_main():
             print(f"warning: --{split}_out {out} does not follow <dataset>-{split}-{kind}-output.txt", file=sys.stderr)
 
 
@@ -419,23 +624,27 @@ class _OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def export_args(argv):
+def export_parser() -> argparse.ArgumentParser:
     from checkpoint import GGUF_TYPES
 
-    parser = _OneLineParser(prog="run_llama.py --option export", description=EXPORT_HELP,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--option", choices=("export",), required=True)
-    parser.add_argument("--pretrained-model-path", default="stories42M.pt", help="SRC (default stories42M.pt)")
-    parser.add_argument("--format", choices=EXPORT_FORMATS, required=True)
+    parser = _OneLineParser(prog="run_llama.py --option export", description=EXPORT_HELP, formatter_class=HelpFormatter)
+    parser.add_argument("--option", choices=("export",), required=True, help="write a model in another format")
+    parser.add_argument("--pretrained-model-path", default=DEFAULT_CHECKPOINT, help="SRC")
+    parser.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="what to write (see above)")
     parser.add_argument("--out", required=True, help="the folder (hf, peft) or file (gguf, llama2c) to write")
-    parser.add_argument("--adapter", default=None, help="a LoRA adapter: a PEFT folder, or a best_adapter.pt")
+    parser.add_argument("--adapter", default=None,
+                        help="a LoRA adapter: a PEFT folder, or a best_adapter.pt; default: none")
     parser.add_argument("--tokenizer", default=None, help="default: a HF folder's own, else tokenizer.model")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="hf / peft: the dtype of the written tensors; gguf: the default --gguf_type")
     parser.add_argument("--gguf_type", choices=GGUF_TYPES, default=None,
-                        help="gguf: tensor type of the matrices (vectors stay f32); default from --dtype")
+                        help="gguf: tensor type of the matrices (vectors stay f32); default: from --dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def export_args(argv):
+    args = export_parser().parse_args(argv)
     if args.gguf_type is not None and args.format != "gguf":
         raise UsageError(f"--gguf_type applies to --format gguf, not --format {args.format}")
     if args.format == "llama2c" and args.dtype != "float32":
@@ -505,6 +714,45 @@ def export_main(argv) -> int:
     return 0
 
 
+def pretrain_parser() -> argparse.ArgumentParser:
+    import pretrain
+
+    parser = _OneLineParser(prog="run_llama.py --option pretrain", description=pretrain.__doc__,
+                            formatter_class=HelpFormatter)
+    parser.add_argument("--option", choices=("pretrain",), required=True, help="train a model from scratch")
+    pretrain.add_arguments(parser)
+    return parser
+
+
+def pretrain_main(argv) -> int:
+    """--option pretrain (pretrain.py): every problem is one `error:` line and exit status 2."""
+    import pretrain
+
+    args = None
+    try:
+        args = pretrain_parser().parse_args(argv)
+        status = pretrain.train(args)
+    except (UsageError, FileNotFoundError) as e:  # DataError, CheckpointError, DeviceError are UsageErrors
+        print(f"error: {e}", file=sys.stderr)
+        distributed.teardown(wait=False)
+        return 2
+    except RuntimeError as e:
+        return lost_rank(e, args)
+    distributed.teardown()
+    return status
+
+
+def lost_rank(error: RuntimeError, args) -> int:
+    """Under torchrun, a collective that failed because another rank died or hung: one `error:` line and exit
+    status 1 (distributed.failure); any other RuntimeError is raised again (a bug keeps its traceback)."""
+    message = distributed.failure(error, getattr(args, "dist_timeout", distributed.DEFAULT_TIMEOUT_S))
+    distributed.teardown(wait=False)
+    if message is None:
+        raise error
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if requested_option(argv) in CODEGEN_OPTIONS:  # code generation has its own flags: see codegen/cli.py
@@ -513,14 +761,21 @@ def main(argv=None) -> int:
         return codegen_main(argv)
     if requested_option(argv) == "export":
         return export_main(argv)
+    if requested_option(argv) == "pretrain":
+        return pretrain_main(argv)
     args = get_args(argv)
     seed_everything(args.seed)
     started = time.time()
     try:
         device = get_device(args)
+        main_rank = distributed.is_main()  # under torchrun rank 0 alone prints and shows progress
+        args.quiet = args.quiet or not main_rank
         args.pad_id = Tokenizer().pad_id if args.option != "generate" else None
         if args.option == "generate":
             generate_sentences(args, device)
+        elif args.option == "predict":
+            check_output_names(args)
+            predict(args, device)
         else:
             check_output_names(args)
             if args.option == "prompt":
@@ -531,8 +786,13 @@ def main(argv=None) -> int:
                 test(args, device, dev, test_data)
     except (UsageError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        distributed.teardown(wait=False)
         return 2
-    print(f"done in {time.time() - started:.1f}s")
+    except RuntimeError as e:
+        return lost_rank(e, args)
+    distributed.teardown()
+    if main_rank:
+        print(f"done in {time.time() - started:.1f}s")
     return 0
 
 

@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu.sh checks    # CUDA tests, then bench/decode.py and bench/train.py --device cuda (~5 min)
 #   bash bench/gpu.sh codegen   # LoRA vs full fine-tuning for code at GPU scale (~5-10 min)
-#   bash bench/gpu.sh all       # both, in that order: under a hard time limit, what finished is in $OUT
+#   bash bench/gpu.sh distributed  # 1 process vs DDP vs FSDP2 on every GPU here: step time, peak memory (~3 min)
+#   bash bench/gpu.sh all       # all three, in that order: under a hard time limit, what finished is in $OUT
 #
 # A failing step is reported and the next one still runs (GPU time is scarce); the exit status says
 # whether all passed. Logs and JSON go to $OUT (default runs/gpu). The assets the tests need are the
@@ -25,7 +26,7 @@ step() {  # step NAME COMMAND...: run it, tee its output to $OUT/NAME.txt, remem
 }
 
 checks() {
-  step tests python3 -m pytest -q -p no:cacheprovider -rs tests/test_llama.py tests/test_decoding.py -k cuda
+  step tests python3 -m pytest -q -p no:cacheprovider -rs tests/test_llama.py tests/test_decoding.py tests/test_quantize.py -k cuda
   step decode python3 bench/decode.py --device cuda --json
   # HF transformers against our eager paths (the compiled ones were timed above; compiling again costs minutes)
   step decode_hf python3 bench/decode.py --device cuda --norm_type rmsnorm --batch_sizes 1,32 --reference-tokens 64 \
@@ -41,13 +42,22 @@ codegen() {
     bash bench/codegen_lora_vs_full.sh
 }
 
+distributed() {  # on 1 GPU: DDP's overhead against no DDP; on several: FSDP2's peak memory against DDP's
+  local n; n=$(nvidia-smi -L | wc -l)
+  step distributed_42m python3 bench/distributed.py --device cuda --nproc "$n" --shape stories42M --batch 16 \
+    --seq_len 256 --json
+  step distributed_1b python3 bench/distributed.py --device cuda --nproc "$n" --shape Llama-3.2-1B --batch 8 \
+    --seq_len 512 --json
+}
+
 step gpu nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 step torch python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 case "${1:-checks}" in
   checks) checks ;;
   codegen) codegen ;;
-  all) checks; codegen ;;
-  *) echo "usage: bash bench/gpu.sh checks|codegen|all" >&2; exit 2 ;;
+  distributed) distributed ;;
+  all) checks; codegen; distributed ;;
+  *) echo "usage: bash bench/gpu.sh checks|codegen|distributed|all" >&2; exit 2 ;;
 esac
 if [ ${#failed[@]} -gt 0 ]; then
   echo "failed steps: ${failed[*]}"

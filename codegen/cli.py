@@ -4,6 +4,8 @@ import argparse
 import importlib
 import sys
 
+from quantize import KINDS
+
 OPTIONS = {
     "codegen": "codegen.train",  # fine-tune on code (full, LoRA, FIM)
     "code_eval": "codegen.evaluate",  # metrics, sandboxed execution, pass@k
@@ -25,6 +27,10 @@ def main(argv) -> int:
                              "best_adapter.pt (onto its base checkpoint)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="the dtype the weights are stored in (default float32; --bf16 is autocast, apart)")
+    parser.add_argument("--quantize", choices=KINDS, default="none",
+                        help="hold the model's linear layers (not the embedding, nor the output projection) in 4-bit "
+                             "NF4 or per-row int8 (quantize.py); with --option codegen, the frozen base of a LoRA "
+                             "training (QLoRA) (default: none)")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--use_gpu", action="store_true")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,

@@ -4,6 +4,7 @@ from typing import Optional
 from checkpoint import code_metadata, load_pretrained
 from codegen.fim import SENTINELS
 from codegen.text_tokenizer import SentencePieceTokenizer, load_tokenizer, tokenizer_path
+from quantize import quantize_model
 from utils import DTYPES, CheckpointError, pick_device, seed_everything
 
 # The Llama tokenizer (tokenizer.Tokenizer) plus optional fill-in-the-middle sentinels with ids after
@@ -28,7 +29,12 @@ def load_code_model(path, device="cpu", tokenizer_model: Optional[str] = None, a
     unknown = set(sentinels) - set(SENTINELS)
     if unknown:
         raise CheckpointError(f"{path}: unknown sentinel tokens {sorted(unknown)}")
-    return model, load_tokenizer(tokenizer_path(tokenizer_model, path), sentinels)
+    tokenizer = load_tokenizer(tokenizer_path(tokenizer_model, path), sentinels)
+    if model.config.vocab_size < tokenizer.n_words:   # would fail deep inside the embedding lookup
+        raise CheckpointError(f"{path}: the checkpoint's vocabulary has {model.config.vocab_size} tokens, fewer than "
+                              f"the tokenizer's {tokenizer.n_words}; pass the tokenizer it was trained with "
+                              "(--tokenizer) or a checkpoint trained with this one")
+    return model, tokenizer
 
 
 def start(args):
@@ -39,6 +45,7 @@ def start(args):
     device = pick_device(args.use_gpu)
     model, tokenizer = load_code_model(args.pretrained_model_path, device, args.tokenizer, getattr(args, "adapter", None),
                                        dtype=weight_dtype(args))
+    quantize_model(model, getattr(args, "quantize", "none"))  # --quantize: the linear layers in NF4 or int8
     return device, model, tokenizer
 
 

@@ -10,7 +10,10 @@
     has_loss, collate, loss_sum      ... has a target, right-padded tensors, the masked causal-LM loss
     make_batches                     length-bucketed batches of example indices
     epoch_rng / epoch_examples       one epoch's generator and examples (FIM drawn anew each epoch)
-    epoch_plan(data, ...)            ... and its optimizer steps: lists of --grad_accum micro-batches
+    epoch_plan(data, ...)            ... and its optimizer steps: lists of --grad_accum micro-batches, each of
+                                     --batch_size x world examples (the global batch of all ranks)
+    rank_batches(examples, group)    one step's micro-batches as this rank trains them (its share of each,
+                                     padded to the global batch's width) and the step's global target count
 
 Each example is  BOS + encode(prompt + code) + EOS,  truncated to max_len tokens; targets are IGNORE (-100)
 on BOS, the prompt and the padding, and the logits at position t predict token t + 1 (see make_example).
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import distributed
 from codegen.fim import FIM_MIDDLE, split_fim
 from codegen.infill import encode_psm
 from utils import UsageError
@@ -125,13 +129,15 @@ def _default_data(args, say):
     """DATA_DIR/{train,valid}.jsonl, built first (from --build_from, default the standard library) if missing."""
     data_dir = Path(args.data_dir)
     train_path, valid_path = data_dir / "train.jsonl", data_dir / "valid.jsonl"
-    if args.build_from or not (train_path.is_file() and valid_path.is_file()):
-        from codegen.data import build_dataset, length_encoder
+    if args.build_from and not Path(args.build_from).is_dir():
+        raise FileNotFoundError(f"--build_from {args.build_from}: no such directory of .py files")
+    if distributed.broadcast(bool(args.build_from) or not (train_path.is_file() and valid_path.is_file())):
+        if distributed.is_main():  # the other ranks wait, then read what rank 0 wrote
+            from codegen.data import build_dataset, length_encoder
 
-        if args.build_from and not Path(args.build_from).is_dir():
-            raise FileNotFoundError(f"--build_from {args.build_from}: no such directory of .py files")
-        say(f"building the dataset from {args.build_from or 'the standard library'} into {data_dir} ...")
-        build_dataset(root=args.build_from, out_dir=data_dir, encode=length_encoder()[0], verbose=not args.quiet)
+            say(f"building the dataset from {args.build_from or 'the standard library'} into {data_dir} ...")
+            build_dataset(root=args.build_from, out_dir=data_dir, encode=length_encoder()[0], verbose=not args.quiet)
+        distributed.barrier()
     return read_pairs(train_path), read_pairs(valid_path), train_path, valid_path
 
 
@@ -202,9 +208,9 @@ def has_loss(example) -> bool:
     return any(t != IGNORE for t in example[1][1:])
 
 
-def collate(examples, pad_id: int):
-    """Right-padded (tokens, targets) tensors (batch, longest); padding gets pad_id / IGNORE."""
-    width = max(len(tokens) for tokens, _ in examples)
+def collate(examples, pad_id: int, width: int = None):
+    """Right-padded (tokens, targets) tensors (batch, width: by default the longest); padding gets pad_id / IGNORE."""
+    width = max(len(tokens) for tokens, _ in examples) if width is None else width
     tokens = torch.full((len(examples), width), pad_id, dtype=torch.long)
     targets = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     for row, (toks, tgts) in enumerate(examples):
@@ -257,10 +263,31 @@ def epoch_examples(plain, pairs, tokenizer, fim_rate: float, max_len: int, rng: 
 
 
 
-def epoch_plan(data: Examples, tokenizer, fim_rate: float, args, epoch: int):
+def epoch_plan(data: Examples, tokenizer, fim_rate: float, args, epoch: int, world: int = 1):
     """(examples, groups) of one epoch: its examples (epoch_examples) and its optimizer steps, each a list
-    of --grad_accum micro-batches of example indices (make_batches), all drawn from epoch_rng."""
+    of --grad_accum micro-batches of example indices (make_batches), all drawn from epoch_rng. With several
+    ranks a micro-batch holds the --batch_size x world examples of all of them, drawn as one process with
+    that batch size draws them (rank_batches gives each rank its share)."""
     rng = epoch_rng(args.seed, epoch)
     examples = epoch_examples(data.plain, data.train_pairs, tokenizer, fim_rate, args.max_len, rng)
-    batches = make_batches([len(ex[0]) for ex in examples], args.batch_size, rng)
+    batches = make_batches([len(ex[0]) for ex in examples], args.batch_size * world, rng)
     return examples, [batches[i : i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
+
+
+def n_targets(example) -> int:
+    """The targets of an example that carry loss (position 0 is never predicted): what loss_sum counts."""
+    return sum(t != IGNORE for t in example[1][1:])
+
+
+def rank_batches(examples: list, group: list, pad_id: int) -> tuple:
+    """(micro-batches, n): this rank's (tokens, targets) of each global micro-batch of an optimizer step
+    (its distributed.shard of the indices, right-padded to the longest example of the whole micro-batch, as
+    one process would pad it), and n the target tokens of the whole step on all ranks. A rank whose share is
+    empty (a last batch smaller than the world) gets one row of padding, which carries no loss but still
+    runs the forward and backward every rank must take part in."""
+    micro = []
+    for batch in group:
+        width = max(len(examples[i][0]) for i in batch)
+        rows = [examples[i] for i in distributed.shard(batch)] or [([pad_id] * width, [IGNORE] * width)]
+        micro.append(collate(rows, pad_id, width))
+    return micro, sum(n_targets(examples[i]) for batch in group for i in batch)

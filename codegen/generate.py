@@ -304,10 +304,12 @@ def complete(model, tokenizer, prompt: str, max_new_tokens: int = 256, temperatu
 
 
 def complete_all(model, tokenizer, prompts: List[str], max_new_tokens: int = 256, batch_size: int = 8,
-                 stop_top_level: bool = True, compile: bool = False) -> List[Completion]:
+                 stop_top_level: bool = True, compile: bool = False,
+                 on_batch: Optional[Callable[[int], None]] = None) -> List[Completion]:
     """Greedy completions of many prompts, batch_size at a time (prompts of different lengths are
     padded and masked: each row's tokens are those it gets alone), with generate_completions' stop
-    rules. Training-time validation and code_eval use it, so their chrF scores compare."""
+    rules. Training-time validation and code_eval use it, so their chrF scores compare. on_batch(n)
+    is called after each batch of n prompts (a progress bar's update)."""
     _check_max_new_tokens(max_new_tokens)
     out = []
     for start in range(0, len(prompts), batch_size):
@@ -319,6 +321,8 @@ def complete_all(model, tokenizer, prompts: List[str], max_new_tokens: int = 256
         rows = [_Row(tokenizer, p, keep_last(ids, room, tokenizer.bos_id), stop_top_level)
                 for p, ids in zip(chunk, encoded)]
         out += _decode_rows(model, rows, n_new, make_sampler(0.0), stop_ids_of(tokenizer), None, compile)
+        if on_batch is not None:
+            on_batch(len(chunk))
     return out
 
 

@@ -37,6 +37,8 @@ The pieces:
     codegen/validation.py   evaluate (validation loss, chrF) and generate_code (greedy generations)
     codegen/trainlog.py     log.csv, curves.png, peak memory
     checkpoint.py           CodeTrainingState: the run's progress, and alone what last.pt and best.pt hold
+    distributed.py          under torchrun: the ranks, DDP or FSDP2 (--fsdp), metrics across ranks; each step's
+                            --batch_size x world examples split among the ranks, rank 0 alone writing
 """
 import argparse
 import contextlib
@@ -50,13 +52,13 @@ from typing import Callable
 
 import torch
 
+import distributed
 from checkpoint import CodeTrainingState
-from codegen.common import pick_device
 # Besides what it uses, this module re-exports (noqa: F401) has_loss, load_data, make_batches, make_example,
 # make_fim_example, trainable_parameters, read_log, generate_code and lora's merged_state_dict for callers that
 # import them from here. The loop calls `evaluate` through this module's namespace (tests patch it here).
 from codegen.examples import (IGNORE, Examples, collate, epoch_plan, has_loss, load_data, loss_sum,  # noqa: F401
-                              make_batches, make_example, make_fim_example, prepare_examples)
+                              make_batches, make_example, make_fim_example, prepare_examples, rank_batches)
 from codegen.model_setup import (LORA_TARGETS, codegen_metadata, fresh_model, make_optimizer,  # noqa: F401
                                  model_settings, parameter_counts, resumed_model, setup_trainable,
                                  trainable_parameters)
@@ -93,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lora_dropout", type=float, default=0.05)
     g.add_argument("--lora_targets", default="compute_query,compute_value",
                    help=f"comma-separated, any of {','.join(LORA_TARGETS)}")
+    g.add_argument("--optim", choices=("adamw", "adamw8bit"), default="adamw",
+                   help="optimizer.AdamW, or AdamW8bit (moments in 8 bits: 2 bytes per trained parameter instead of 8); "
+                        "a resumed run keeps last.pt's (default: adamw)")
     g.add_argument("--epochs", type=int, default=1)
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min_lr_ratio", type=float, default=0.0, help="cosine/linear decay down to lr * this")
@@ -116,14 +121,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log_every", type=int, default=10, help="write a log.csv row every N steps")
     g.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     g.add_argument("--quiet", action="store_true", help="no progress bars or per-evaluation lines")
+    distributed.add_arguments(g)
 
 
 def run(args) -> int:
+    """Train; under torchrun in the process group, left at the end (status 1 if another rank was lost)."""
     try:
         train(args)
     except (FileNotFoundError, ValueError) as e:  # UsageError, CheckpointError, bad JSONL (file:line), ...
         print(f"error: {e}", file=sys.stderr)
+        distributed.teardown(wait=False)
         return 2
+    except RuntimeError as e:
+        message = distributed.failure(e, getattr(args, "dist_timeout", distributed.DEFAULT_TIMEOUT_S))
+        distributed.teardown(wait=False)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    distributed.teardown()
     return 0
 
 
@@ -192,9 +208,10 @@ def warmup_steps_for(args, total_steps: int) -> int:
     return int(round(args.warmup_ratio * total_steps))
 
 
-def step_budget(n_examples: int, args) -> tuple:
-    """(optimizer steps per epoch, steps in all: --epochs of them or --max_steps, warm-up steps)."""
-    steps_per_epoch = math.ceil(math.ceil(n_examples / args.batch_size) / args.grad_accum)
+def step_budget(n_examples: int, args, world: int = 1) -> tuple:
+    """(optimizer steps per epoch, steps in all: --epochs of them or --max_steps, warm-up steps), each step
+    --batch_size x --grad_accum x world examples."""
+    steps_per_epoch = math.ceil(math.ceil(n_examples / (args.batch_size * world)) / args.grad_accum)
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
@@ -228,6 +245,8 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     warmup: int
+    par: distributed.Parallel = None  # the model as the ranks train it (one process: the model itself)
+    world: int = 1  # ranks (torchrun's world size)
     log: CsvLog = None
     bar: object = None  # the tqdm progress bar, if any
     elapsed_before: float = 0.0  # training seconds of the invocations before this one
@@ -263,26 +282,25 @@ def start_run(args) -> Run:
     """Check the flags; load the model (pretrained, or last.pt's with --resume) and the data; set up what
     trains and the optimizer; say what will run."""
     check_args(args)
-    quiet = getattr(args, "quiet", False)
+    device = distributed.setup(args.use_gpu, getattr(args, "dist_timeout", distributed.DEFAULT_TIMEOUT_S))
+    quiet = getattr(args, "quiet", False) or not distributed.is_main()  # rank 0 alone prints
     say = (lambda msg: None) if quiet else (lambda msg: (tqdm.write(msg) if tqdm else print(msg)))
-    try:
-        device = pick_device(args.use_gpu)
-    except RuntimeError as e:
-        raise UsageError(str(e)) from None
-    out_dir = Path(args.out_dir)
+    out_dir, world = Path(args.out_dir), distributed.world_size()
     if args.resume and not (out_dir / "last.pt").is_file():
         raise FileNotFoundError(f"{out_dir / 'last.pt'}: nothing to resume from (drop --resume to start a new run, "
                                 "or pass the --out_dir of the run to continue)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
     use_bf16 = bf16_wanted(args, device)
     seed_everything(args.seed)
     state, model, tokenizer = load_model(args, out_dir / "last.pt", device, say)
     data = prepare_examples(args, tokenizer, say)  # after the tokenizer: the FIM examples need the sentinel ids
-    optimizer, counts, fim_rate = setup_training(args, state, model, tokenizer, device)
-    steps_per_epoch, total_steps, warmup = step_budget(len(data.plain), args)
+    par, counts, fim_rate = setup_training(args, state, model, tokenizer, device)
+    steps_per_epoch, total_steps, warmup = step_budget(len(data.plain), args, world)
     run = Run(args=args, say=say, quiet=quiet, device=device, use_bf16=use_bf16, out_dir=out_dir, model=model,
-              tokenizer=tokenizer, optimizer=optimizer, data=data, state=state, counts=counts, fim_rate=fim_rate,
-              steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup, elapsed_before=state.elapsed)
+              tokenizer=tokenizer, optimizer=par.optimizer, data=data, state=state, counts=counts, fim_rate=fim_rate,
+              steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup=warmup, elapsed_before=state.elapsed,
+              par=par, world=world)
     if args.resume:
         say(f"resumed from {run.last_path} at step {state.step} (epoch {state.epoch}, {state.groups_done} step(s) "
             "into it)")
@@ -298,12 +316,13 @@ def bf16_wanted(args, device) -> bool:
     """--bf16, where it can be had (CUDA with bfloat16); otherwise a warning and float32."""
     if not args.bf16:
         return False
+    warn = print if distributed.is_main() else (lambda *a, **k: None)
     if device.type != "cuda":
-        print("warning: --bf16 ignored: bf16 autocast is only used on CUDA (add --use_gpu); training in float32",
-              file=sys.stderr)
+        warn("warning: --bf16 ignored: bf16 autocast is only used on CUDA (add --use_gpu); training in float32",
+             file=sys.stderr)
         return False
     if not torch.cuda.is_bf16_supported():
-        print("warning: --bf16 ignored: this GPU does not support bfloat16; training in float32", file=sys.stderr)
+        warn("warning: --bf16 ignored: this GPU does not support bfloat16; training in float32", file=sys.stderr)
         return False
     return True
 
@@ -325,7 +344,8 @@ def load_model(args, last_path: Path, device, say) -> tuple:
 
 def setup_training(args, state: CodeTrainingState, model, tokenizer, device) -> tuple:
     """Freeze / inject LoRA, make the optimizer, restore last.pt's weights, optimizer and RNGs on --resume,
-    and fill in the state's metadata and arguments. Returns (optimizer, parameter counts, FIM rate)."""
+    fill in the state's metadata and arguments, then hand the model to the ranks (distributed.Parallel: DDP,
+    FSDP2 with --fsdp, or as it is in one process). Returns (Parallel, parameter counts, FIM rate)."""
     partial = setup_trainable(model, state.settings, tokenizer.n_words)
     model.train()
     optimizer = make_optimizer(model, partial, args, device)
@@ -338,16 +358,25 @@ def setup_training(args, state: CodeTrainingState, model, tokenizer, device) -> 
     state.codegen = codegen_metadata(state.settings, tokenizer, counts["trainable"], base_checkpoint, fim_rate,
                                      args.max_len, None if base_adapter is None else str(base_adapter))
     state.args = _jsonable(vars(args))
-    return optimizer, counts, fim_rate
+    if getattr(args, "fsdp", False) and distributed.active() and state.settings.get("optim") == "adamw8bit":
+        raise UsageError("--fsdp with --optim adamw8bit: the 8-bit optimizer quantizes whole tensors in blocks, "
+                         "not FSDP2's shards; drop --fsdp (DDP) or use --optim adamw")
+    par = distributed.Parallel(model, optimizer, getattr(args, "fsdp", False), partial)
+    distributed.seed_ranks(args.seed)
+    return par, counts, fim_rate
 
 
 def announce(run: Run) -> None:
-    settings, counts = run.state.settings, run.counts
+    settings, counts, a = run.state.settings, run.counts, run.args
     run.say(f"{settings['mode']} fine-tuning: {counts['trainable']:,} trainable of {counts['total']:,} parameters"
             + (f" (LoRA {counts['lora_expected']:,} + sentinel rows)" if counts["partial"] else "")
             + f"; {len(run.data.plain)} train / {len(run.data.valid)} valid pairs; {run.steps_per_epoch} steps/epoch, "
-            f"{run.total_steps} steps, warm-up {run.warmup}, {run.args.schedule} schedule; device {run.device}"
+            f"{run.total_steps} steps, warm-up {run.warmup}, {a.schedule} schedule; device {run.device}"
             + (", bf16" if run.use_bf16 else ""))
+    run.say(f"effective batch {a.batch_size * a.grad_accum * run.world} examples per step (--batch_size "
+            f"{a.batch_size} x --grad_accum {a.grad_accum} x {run.world} rank(s)); {run.par.describe()}"
+            + (" (--fsdp ignored: not launched by torchrun)" if getattr(a, "fsdp", False) and run.par.kind == "single"
+               else ""))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,7 +400,7 @@ def run_epoch(run: Run, lr: float) -> float:
     """The rest of the current epoch (from groups_done: all of it, or what --resume left), up to the
     step budget, evaluating and logging as due; returns the learning rate of the last step."""
     state = run.state
-    examples, groups = epoch_plan(run.data, run.tokenizer, run.fim_rate, run.args, state.epoch)
+    examples, groups = epoch_plan(run.data, run.tokenizer, run.fim_rate, run.args, state.epoch, run.world)
     if state.groups_done >= len(groups):  # resumed with larger batches: this epoch has no step left
         state.epoch, state.groups_done = state.epoch + 1, 0
         return lr
@@ -391,15 +420,17 @@ def run_epoch(run: Run, lr: float) -> float:
 
 
 def train_step(run: Run, examples: list, group: list) -> float:
-    """One optimizer step on the micro-batches of `group` (lists of indices into examples); returns its lr."""
+    """One optimizer step on the micro-batches of `group` (lists of indices into examples: with several ranks,
+    global batches, of which this rank trains its share); returns its lr."""
     step_started = time.time()
     state, args = run.state, run.args
     lr = run.lr()
     for param_group in run.optimizer.param_groups:
         param_group["lr"] = lr
-    micro = [collate([examples[i] for i in batch], run.tokenizer.pad_id) for batch in group]
-    n_targets = sum(int((targets[:, 1:] != IGNORE).sum()) for _, targets in micro)
-    step_loss = accumulate_gradients(run, micro, n_targets)
+    micro, n_targets = rank_batches(examples, group, run.tokenizer.pad_id)  # n_targets: of all ranks
+    step_loss, seen = distributed.all_reduce(accumulate_gradients(run, micro, n_targets))
+    run.window["seen"] += seen
+    run.par.finish_gradients()
     if args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], args.grad_clip)
     run.optimizer.step()
@@ -415,18 +446,20 @@ def train_step(run: Run, examples: list, group: list) -> float:
     return lr
 
 
-def accumulate_gradients(run: Run, micro: list, n_targets: int) -> float:
+def accumulate_gradients(run: Run, micro: list, n_targets: int) -> list:
     """Backward through each micro-batch, each loss divided by the whole step's target count (so the step's
-    gradient is that of the mean over all its code tokens); returns the summed loss."""
-    step_loss = 0.0
-    for tokens, targets in micro:
+    gradient is that of the mean over all its code tokens) and multiplied by the world size (DDP and FSDP2
+    average the ranks' gradients; see distributed.py); returns [summed loss, tokens seen] of this rank."""
+    step_loss, seen = 0.0, 0
+    for k, (tokens, targets) in enumerate(micro):
         tokens, targets = tokens.to(run.device), targets.to(run.device)
-        with run.autocast():
-            total, _ = loss_sum(run.model, tokens, targets)
-        (total / n_targets).backward()
+        with run.par.accumulating(last=k == len(micro) - 1):  # DDP: all-reduce in the last backward only
+            with run.autocast():
+                total, _ = loss_sum(run.par.model, tokens, targets)
+            (total * run.world / n_targets).backward()
         step_loss += total.item()
-        run.window["seen"] += int((tokens != run.tokenizer.pad_id).sum())
-    return step_loss
+        seen += int((tokens != run.tokenizer.pad_id).sum())
+    return [step_loss, seen]
 
 
 def evaluate_or_log(run: Run, lr: float) -> None:
@@ -441,23 +474,24 @@ def evaluate_or_log(run: Run, lr: float) -> None:
 
 
 def evaluate_now(run: Run, lr: float) -> None:
-    """Validation loss and chrF, a log row, best.pt if the loss is the lowest yet, then last.pt."""
+    """Validation loss and chrF (every rank a share, the same numbers on all), a log row, best.pt if the loss is
+    the lowest yet, then last.pt."""
     state = run.state
-    valid_loss, score, hyps = evaluate(run.model, run.tokenizer, run.data.valid, run.data.valid_pairs, run.args,
-                                       run.autocast)
+    with run.par.local() as model:
+        valid_loss, score, hyps = evaluate(model, run.tokenizer, run.data.valid, run.data.valid_pairs, run.args,
+                                           run.autocast)
     train_loss = log_row(run, lr, valid_loss, score)
     state.last_eval_step = state.step
     run.history.update(valid_loss=valid_loss, chrf=score)
     improved = state.improves(valid_loss)
     if improved:
         state.best_valid_loss, state.best_step, state.best_chrf = valid_loss, state.step, score
-        state.save_best(run.best_path, run.model)
+    save(run, best=improved)
     run.say(f"step {state.step}: train loss {'-' if train_loss is None else f'{train_loss:.4f}'}, "
             f"valid loss {valid_loss:.4f}" + ("" if score is None else f", chrF {score:.2f}")
             + (" (best, saved)" if improved else ""))
     if hyps and not run.quiet:
         run.say("  sample: " + repr(hyps[0][:120]))
-    save_last(run)
 
 
 def log_row(run: Run, lr: float, valid_loss=None, score=None):
@@ -471,9 +505,15 @@ def log_row(run: Run, lr: float, valid_loss=None, score=None):
     return train_loss
 
 
-def save_last(run: Run) -> None:
+def save(run: Run, best: bool = False) -> None:
+    """best.pt if asked, then last.pt, written by rank 0 from the whole model (every rank takes part: FSDP2
+    gathers the shards)."""
     run.state.elapsed = run.elapsed()
-    run.state.save_last(run.last_path, run.model, run.optimizer)
+    with run.par.full() as (model, optimizer):
+        if model is not None:
+            if best:
+                run.state.save_best(run.best_path, model)
+            run.state.save_last(run.last_path, model, optimizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -484,14 +524,16 @@ def finish(run: Run, lr: float) -> dict:
     """Evaluate the last step unless just done (or no best.pt yet), save last.pt, plot, write summary.json
     and print the summary line; returns the summary."""
     state = run.state
-    if state.last_eval_step != state.step or not run.best_path.is_file():
+    if distributed.broadcast(state.last_eval_step != state.step or not run.best_path.is_file()):  # rank 0's files
         evaluate_now(run, lr)
     else:
-        save_last(run)
-    plot = plot_curves(run.log_path, run.out_dir / "curves.png")
+        save(run)
+    plot = plot_curves(run.log_path, run.out_dir / "curves.png") if distributed.is_main() else None
+    summary = summarize(run, plot)  # every rank: the peak memory is the largest rank's
+    if not distributed.is_main():
+        return summary
     if plot is None:
         print("matplotlib is not installed: skipped the loss / chrF plot (the numbers are in log.csv)")
-    summary = summarize(run, plot)
     atomic_write_text(run.summary_path, json.dumps(summary, indent=2) + "\n")
     peak = summary["peak_memory_bytes"]
     peak_text = "n/a" if peak is None else f"{peak / 2**20:.1f} MiB"
@@ -521,6 +563,8 @@ def summarize(run: Run, plot) -> dict:
         "best_step": state.best_step, "chrf": state.best_chrf, "final_valid_loss": run.history["valid_loss"],
         "final_chrf": run.history["chrf"], "train_pairs": len(data.plain), "valid_pairs": len(data.valid),
         "dropped_train_pairs": data.dropped, "device": str(run.device), "bf16": run.use_bf16, "data": data.paths,
+        "world_size": run.world, "parallel": run.par.kind,
+        "effective_batch": run.args.batch_size * run.args.grad_accum * run.world,
         "best_checkpoint": str(run.best_path), "last_checkpoint": str(run.last_path), "log": str(run.log_path),
         "plot": str(plot) if plot else None,
     }

@@ -3,77 +3,51 @@
     CsvLog(path, resume_step)      log.csv, one row per logged step (LOG_FIELDS); a resume drops later rows
     read_log(path)                 its rows as dicts
     plot_curves(log, png)          loss (train, valid) and chrF against the step; None without matplotlib
-    peak_memory(device)            (bytes, where the number comes from)
+    peak_memory(device)            (bytes, where the number comes from): under torchrun the largest rank's
+
+The writer and the plot are training.py's, which every training loop of the project shares. Under torchrun
+only rank 0 writes log.csv (its rows hold the global numbers, which every rank computes alike).
 """
-import csv
 import sys
-from pathlib import Path
 
 import torch
+
+import distributed
+import training
+from training import read_log  # noqa: F401  (re-exported: callers read the log from here)
 
 LOG_FIELDS = ("step", "epoch", "lr", "train_loss", "valid_loss", "chrf", "tokens_per_s", "elapsed")
 
 
-class CsvLog:
-    """log.csv, one row per logged step; on resume, rows after the resumed step are dropped."""
+class CsvLog(training.CsvLog):
+    """training.CsvLog with code training's columns, LOG_FIELDS; written by rank 0 only (elsewhere a no-op)."""
 
-    def __init__(self, path: Path, resume_step=None):
-        self.path = path
-        rows = []
-        if resume_step is not None and path.is_file():
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-            writer.writeheader()
-            writer.writerows({k: r.get(k, "") for k in LOG_FIELDS} for r in rows)
+    def __init__(self, path, resume_step=None):
+        self.writes = distributed.is_main()
+        if self.writes:
+            super().__init__(path, LOG_FIELDS, resume_step)
 
     def write(self, **row):
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(
-                {k: _fmt(row.get(k)) for k in LOG_FIELDS})
+        if self.writes:
+            super().write(**row)
 
 
-def _fmt(value):
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.8g}"
-    return value
-
-
-def read_log(path) -> list:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def plot_curves(log_path: Path, png_path: Path):
+def plot_curves(log_path, png_path):
     """loss (train, valid) and chrF vs step; returns the PNG path, or None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = read_log(log_path)
-
-    def series(key):
-        pts = [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for key in ("train_loss", "valid_loss"):
-        ax1.plot(*series(key), label=key, marker="." if key == "valid_loss" else None)
-    ax1.set_xlabel("step"), ax1.set_ylabel("loss (nats / code token)"), ax1.legend()
-    ax2.plot(*series("chrf"), marker="o")
-    ax2.set_xlabel("step"), ax2.set_ylabel("chrF (greedy, validation)")
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return png_path
+    return training.plot_curves(log_path, png_path, [("loss (nats / code token)", ["train_loss", "valid_loss"]),
+                                                     ("chrF (greedy, validation)", ["chrf"])])
 
 
 def peak_memory(device) -> tuple:
+    """(peak bytes, where the number comes from); under torchrun the largest of the ranks' peaks (every rank
+    must call it then)."""
+    peak, source = _own_peak_memory(device)
+    if distributed.world_size() > 1 and peak is not None:
+        peak, source = int(distributed.all_reduce([peak], "max")[0]), f"{source}, largest of the ranks"
+    return peak, source
+
+
+def _own_peak_memory(device) -> tuple:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
     try:
@@ -82,4 +56,3 @@ def peak_memory(device) -> tuple:
         return None, "unavailable"
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "resource.getrusage ru_maxrss (process)"
-

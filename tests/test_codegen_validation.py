@@ -29,3 +29,24 @@ def test_validation_generations_are_code_evals():
     prompts = ['def add(a, b):\n    """Sum."""\n', "def f(x):\n", 'class A:\n    """A."""\n']
     expected = [generate_completions(model, tokenizer, p, 1, 40, 0.0)[0].text for p in prompts]
     assert generate_code(model, tokenizer, prompts, max_new_tokens=40, batch_size=2) == expected
+
+
+def test_validation_shows_its_progress(capsys):
+    """Validation (the loss batches, then the greedy generations) moves a progress bar to the end,
+    instead of sitting silent after the training bar; --quiet hides it."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from codegen.validation import evaluate
+
+    torch.manual_seed(2)
+    model = Llama(LlamaConfig(**CONFIG)).eval()
+    tokenizer = CodeTokenizer(str(asset_path("tokenizer.model")))
+    pairs = [{"prompt": f"def f{i}(x):\n", "code": "    return x\n"} for i in range(5)]
+    examples = [(list(range(1, 9)), list(range(2, 10))) for _ in range(7)]
+    args = SimpleNamespace(batch_size=3, eval_samples=5, eval_max_new_tokens=4, quiet=False)
+    loss, score, hyps = evaluate(model, tokenizer, examples, pairs, args, contextlib.nullcontext)
+    err = capsys.readouterr().err
+    assert "validation" in err and "12/12" in err and len(hyps) == 5
+    evaluate(model, tokenizer, examples, pairs, SimpleNamespace(**{**vars(args), "quiet": True}), contextlib.nullcontext)
+    assert capsys.readouterr().err == ""
