@@ -145,6 +145,21 @@ def test_nf4_double_quant_matches_bitsandbytes(shape):
     torch.testing.assert_close(ours_dequantized[same_blocks], reference[same_blocks], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("shape", DQ_SHAPES)
+def test_double_quant_codes_equal_bitsandbytes_reference_path(shape):
+    """bitsandbytes has two CPU implementations of the 8-bit block-wise quantization double quantization
+    uses: a C kernel for float32 (an approximate search, the one quantize_4bit calls) and a torch path for
+    other dtypes (an exact argmin over the code book, computed in float32 as well). Ours equals the torch
+    path bit for bit, codes and scales, so the absmax codes where the kernel differs are its approximation."""
+    F_bnb = bnb_functional()
+    w = gaussian(shape, seed=1)
+    _, (codes, scales, offset) = nf4_quantize(w, double_quant=True)
+    _, absmax = nf4_quantize(w)
+    ref_codes, ref_scales = torch.ops.bitsandbytes.quantize_blockwise((absmax - offset).double(),
+                                                                      F_bnb.create_dynamic_map(signed=True), 256)
+    assert torch.equal(codes, ref_codes.flatten()) and torch.equal(scales, ref_scales)
+
+
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_quantization_error_on_gaussian_weights_equals_bitsandbytes(double_quant):
     F_bnb = bnb_functional()
