@@ -261,9 +261,22 @@ def test_q8_0_is_ggml_s():
 
 
 def llama_cpp_logits(path, ids):
-    """llama.cpp's logits at every position, its KV cache in float32 (its default, float16, rounds K and V)."""
+    """llama.cpp's logits at every position, its KV cache in float32 (its default, float16, rounds K and V).
+    Its extra buffer types (weights repacked for the CPU's int8 kernels) are off: with them, the
+    llama-cpp-python 0.3.36 built on this project's CI machine crashes (segmentation fault) on Q8_0 files."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python runs the GGUF file")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+    low_level = llama_cpp.llama_cpp
+    default_params = low_level.llama_model_default_params
+
+    def params_without_extra_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+    low_level.llama_model_default_params = params_without_extra_buffers
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+    finally:
+        low_level.llama_model_default_params = default_params
     llm.eval(ids)
     return llm, torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
 
