@@ -80,7 +80,8 @@ if [ ! -f stories42M.pt ]; then
     mv stories42M.pt.part stories42M.pt
   else
     rm -f stories42M.pt.part
-    echo "setup: stories42M.pt not downloaded (no network?); the assignment commands need it, tests do not"
+    echo "setup: stories42M.pt not downloaded (no network?). Tests do not need it; to try every command without it," \
+         "pretrain a small base model first (README, 'Quickstart without stories42M.pt')"
   fi
 fi
 

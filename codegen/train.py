@@ -66,14 +66,13 @@ from codegen.trainlog import CsvLog, peak_memory, plot_curves, read_log  # noqa:
 from codegen.validation import evaluate, generate_code  # noqa: F401
 from lora import merged_state_dict  # noqa: F401
 from optimizer import AdamW
+from training import SCHEDULES, lr_at  # noqa: F401  (the one schedule; tests import it from here too)
 from utils import UsageError, atomic_write_text, seed_everything
 
 try:
     from tqdm import tqdm
 except ImportError:  # tqdm is only cosmetic
     tqdm = None
-
-SCHEDULES = ("cosine", "linear", "constant")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,24 +181,6 @@ def parse_targets(spec) -> list:
 
 # ----------------------------------------------------------------------------------------------
 # schedule
-
-
-def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int = 0, schedule: str = "cosine",
-          min_lr_ratio: float = 0.0) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warm-up lr * (step + 1) / warmup_steps,
-    reaching lr at step warmup_steps - 1; then constant, or a linear / cosine decay from lr at
-    step warmup_steps to lr * min_lr_ratio at step total_steps."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return lr
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    min_lr = lr * min_lr_ratio
-    if schedule == "linear":
-        return min_lr + (lr - min_lr) * (1.0 - progress)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def warmup_steps_for(args, total_steps: int) -> int:

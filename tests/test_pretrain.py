@@ -188,3 +188,17 @@ def test_resuming_with_a_bigger_tokenizer_than_the_checkpoint_is_refused(tmp_pat
     assert run_llama.main(argv) == 2
     err = capsys.readouterr().err
     assert "small.pt" in err and "512" in err and "32000" in err and "--tokenizer" in err
+
+
+@pytest.mark.parametrize("name", ["pretrain.py", "training.py"])
+def test_module_level_imports_are_what_the_graded_files_may_use(name):
+    """New top-level modules ship in the graded zip: at module level only the standard library, torch,
+    sentencepiece, numpy, tqdm and the project's own top-level modules (matplotlib only inside a function)."""
+    import ast
+
+    allowed = set(sys.stdlib_module_names) | {"torch", "sentencepiece", "numpy", "tqdm"} | {
+        p.stem for p in ROOT.glob("*.py")}
+    tree = ast.parse((ROOT / name).read_text(encoding="utf-8"))
+    imported = [alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
+    imported += [node.module for node in tree.body if isinstance(node, ast.ImportFrom)]
+    assert imported and not [m for m in imported if m.split(".")[0] not in allowed]
