@@ -31,22 +31,37 @@ def test_validation_generations_are_code_evals():
     assert generate_code(model, tokenizer, prompts, max_new_tokens=40, batch_size=2) == expected
 
 
-def test_validation_shows_its_progress(capsys):
-    """Validation (the loss batches, then the greedy generations) moves a progress bar to the end,
-    instead of sitting silent after the training bar; --quiet hides it."""
+def test_validation_shows_its_progress(monkeypatch):
+    """Validation (the loss batches, then the greedy generations) moves a progress bar to its end, instead
+    of sitting silent after the training bar; --quiet disables it. The bar is recorded (tqdm redraws at
+    most every 0.1 s, so its screen output depends on the machine's speed)."""
     import contextlib
     from types import SimpleNamespace
 
-    from codegen.validation import evaluate
+    from codegen import validation
 
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, disable, **kwargs):
+            self.total, self.disable, self.done = total, disable, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.done += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(validation, "tqdm", Recorder)
     torch.manual_seed(2)
     model = Llama(LlamaConfig(**CONFIG)).eval()
     tokenizer = CodeTokenizer(str(asset_path("tokenizer.model")))
     pairs = [{"prompt": f"def f{i}(x):\n", "code": "    return x\n"} for i in range(5)]
     examples = [(list(range(1, 9)), list(range(2, 10))) for _ in range(7)]
     args = SimpleNamespace(batch_size=3, eval_samples=5, eval_max_new_tokens=4, quiet=False)
-    loss, score, hyps = evaluate(model, tokenizer, examples, pairs, args, contextlib.nullcontext)
-    err = capsys.readouterr().err
-    assert "validation" in err and "12/12" in err and len(hyps) == 5
-    evaluate(model, tokenizer, examples, pairs, SimpleNamespace(**{**vars(args), "quiet": True}), contextlib.nullcontext)
-    assert capsys.readouterr().err == ""
+    loss, score, hyps = validation.evaluate(model, tokenizer, examples, pairs, args, contextlib.nullcontext)
+    assert len(hyps) == 5 and [(b.total, b.done, b.disable) for b in bars] == [(12, 12, False)]
+    validation.evaluate(model, tokenizer, examples, pairs, SimpleNamespace(**{**vars(args), "quiet": True}),
+                        contextlib.nullcontext)
+    assert bars[1].disable is True

@@ -123,10 +123,19 @@ def test_rslora_scales_by_alpha_over_sqrt_r(tmp_path):
 def test_code_options_take_an_adapter(base_and_adapter, tmp_path):
     """codegen.common.load_code_model (what every code option loads through) folds --adapter in, and
     --option code_generate runs with it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
     from codegen.common import load_code_model
+    from utils import CheckpointError
 
     base, adapter, reference = base_and_adapter
-    model, _ = load_code_model(base, "cpu", str(asset_path("tokenizer.model")), adapter=adapter)
+    with pytest.raises(CheckpointError, match="fewer than the tokenizer's 32000"):  # 32000 pieces, a tiny vocabulary
+        load_code_model(base, "cpu", str(asset_path("tokenizer.model")), adapter=adapter)
+    words = {f"w{i}": i for i in range(vocab_of(base) - 2)} | {"<s>": vocab_of(base) - 2, "</s>": vocab_of(base) - 1}
+    small = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    small.pre_tokenizer = pre_tokenizers.Whitespace()
+    small.save(str(tmp_path / "tokenizer.json"))   # a tokenizer that fits the base's vocabulary
+    model, _ = load_code_model(base, "cpu", str(tmp_path / "tokenizer.json"), adapter=adapter)
     ids = tokens(vocab_of(base))
     torch.testing.assert_close(our_logits(model, ids), hf_logits(reference, ids), atol=1e-5, rtol=1e-5)
 
