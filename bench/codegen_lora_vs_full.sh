@@ -17,17 +17,10 @@ OUT=${OUT:-runs/lora_vs_full}; DIM=${DIM:-128}; LAYERS=${LAYERS:-4}; HEADS=${HEA
 PRE_STEPS=${PRE_STEPS:-800}; FT_STEPS=${FT_STEPS:-300}; EVAL_LIMIT=${EVAL_LIMIT:-60}; EXTRA=${EXTRA:-}
 TRAIN_EXTRA=${TRAIN_EXTRA:-}  # training-only options, e.g. --bf16
 mkdir -p "$OUT"
-[ -f "$OUT/data/train.jsonl" ] || python3 -m codegen.data --out "$OUT/data"
-stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
-split_files() {  # the stdlib source files of one split (each pair records its file's path under the stdlib)
-  python3 -c 'import json, sys; print("\n".join(sorted({json.loads(l)["path"] for l in open(sys.argv[1])})))' "$1" |
-    sed "s|^|$stdlib/|"
-}
-mapfile -t train_files < <(split_files "$OUT/data/train.jsonl")
-mapfile -t valid_files < <(split_files "$OUT/data/valid.jsonl")
-python3 run_llama.py --option pretrain --train_text "${train_files[@]}" --valid_text "${valid_files[@]}" \
-    --dim "$DIM" --n_layers "$LAYERS" --n_heads "$HEADS" --max_seq_len 256 --lr 1e-3 --warmup_steps 50 \
-    --max_steps "$PRE_STEPS" --time_budget 0 --eval_interval 200 --quiet --out "$OUT/base.pt" $EXTRA $TRAIN_EXTRA
+source bench/codegen_base.sh
+codegen_data "$OUT"
+# shellcheck disable=SC2086  # EXTRA and TRAIN_EXTRA hold several options
+pretrain_code_base "$OUT" "$OUT/base.pt" "$DIM" "$LAYERS" "$HEADS" "$PRE_STEPS" $EXTRA $TRAIN_EXTRA
 common=(--train_data "$OUT/data/train.jsonl" --valid_data "$OUT/data/valid.jsonl" --max_len 256 --batch_size 8
         --valid_limit 64 --eval_samples 16 --quiet $EXTRA $TRAIN_EXTRA)
 train() { python3 run_llama.py --option codegen "${common[@]}" "$@"; }

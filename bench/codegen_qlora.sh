@@ -7,7 +7,7 @@
 #   lora        LoRA (rank RANK, alpha 2 x RANK, every projection) on the fp32 base (AdamW, lr 1e-3)
 #   qlora       the same LoRA on the base's block linear layers held in NF4 + double quantization (--quantize nf4)
 #   qlora8      qlora with Adam's moments in 8 bits (--optim adamw8bit)
-# 1. data and base: the commands of bench/codegen_lora_vs_full.sh (stdlib docstring->function pairs split by
+# 1. data and base: bench/codegen_base.sh, as bench/codegen_lora_vs_full.sh uses it (stdlib docstring->function pairs split by
 #    file; a small Llama pre-trained from scratch on the training split's source files), skipped when $BASE exists
 #    (BASE=runs/lora_vs_full/base.pt reuses that script's base);
 # 2. the fine-tunings, FT_STEPS steps each, same data order and seed; each writes $OUT/RUN/summary.json;
@@ -30,19 +30,10 @@ RANK=${RANK:-32}; RUNS=${RUNS:-base base-nf4 full lora qlora qlora8}; EXTRA=${EX
 # (bench/README.md, "Threads"); give the core count on an idle machine.
 export OMP_NUM_THREADS=${THREADS:-1}
 mkdir -p "$OUT"
-[ -f "$OUT/data/train.jsonl" ] || python3 -m codegen.data --out "$OUT/data"
-if [ ! -f "$BASE" ]; then
-  stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
-  split_files() {  # the stdlib source files of one split (each pair records its file's path under the stdlib)
-    python3 -c 'import json, sys; print("\n".join(sorted({json.loads(l)["path"] for l in open(sys.argv[1])})))' "$1" |
-      sed "s|^|$stdlib/|"
-  }
-  mapfile -t train_files < <(split_files "$OUT/data/train.jsonl")
-  mapfile -t valid_files < <(split_files "$OUT/data/valid.jsonl")
-  python3 run_llama.py --option pretrain --train_text "${train_files[@]}" --valid_text "${valid_files[@]}" \
-      --dim "$DIM" --n_layers "$LAYERS" --n_heads "$HEADS" --max_seq_len 256 --lr 1e-3 --warmup_steps 50 \
-      --max_steps "$PRE_STEPS" --time_budget 0 --eval_interval 200 --quiet --out "$BASE" $EXTRA
-fi
+source bench/codegen_base.sh
+codegen_data "$OUT"
+# shellcheck disable=SC2086  # EXTRA holds several options
+[ -f "$BASE" ] || pretrain_code_base "$OUT" "$BASE" "$DIM" "$LAYERS" "$HEADS" "$PRE_STEPS" $EXTRA
 common=(--pretrained-model-path "$BASE" --train_data "$OUT/data/train.jsonl" --valid_data "$OUT/data/valid.jsonl"
         --max_len 256 --batch_size 8 --valid_limit 64 --eval_samples 16 --warmup_steps 20 --max_steps "$FT_STEPS"
         --eval_every "$EVAL_EVERY" --quiet $EXTRA)
