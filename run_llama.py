@@ -728,10 +728,15 @@ def pretrain_main(argv) -> int:
     """--option pretrain (pretrain.py): every problem is one `error:` line and exit status 2."""
     import pretrain
 
-    args = None
+    args = pretrain_parser().parse_args(argv)
+    return reported(lambda: pretrain.train(args), args)
+
+
+def reported(work, args) -> int:
+    """work()'s exit status; a UsageError or FileNotFoundError is one `error:` line and exit status 2, a rank
+    lost under torchrun exit status 1 (lost_rank). The process group, if any, is torn down either way."""
     try:
-        args = pretrain_parser().parse_args(argv)
-        status = pretrain.train(args)
+        status = work()
     except (UsageError, FileNotFoundError) as e:  # DataError, CheckpointError, DeviceError are UsageErrors
         print(f"error: {e}", file=sys.stderr)
         distributed.teardown(wait=False)
@@ -765,32 +770,29 @@ def main(argv=None) -> int:
         return pretrain_main(argv)
     args = get_args(argv)
     seed_everything(args.seed)
+    return reported(lambda: run_option(args), args)
+
+
+def run_option(args) -> int:
+    """The assignment's options (generate, prompt, finetune, lora, predict)."""
     started = time.time()
-    try:
-        device = get_device(args)
-        main_rank = distributed.is_main()  # under torchrun rank 0 alone prints and shows progress
-        args.quiet = args.quiet or not main_rank
-        args.pad_id = Tokenizer().pad_id if args.option != "generate" else None
-        if args.option == "generate":
-            generate_sentences(args, device)
-        elif args.option == "predict":
-            check_output_names(args)
-            predict(args, device)
+    device = get_device(args)
+    main_rank = distributed.is_main()  # under torchrun rank 0 alone prints and shows progress
+    args.quiet = args.quiet or not main_rank
+    args.pad_id = Tokenizer().pad_id if args.option != "generate" else None
+    if args.option == "generate":
+        generate_sentences(args, device)
+    elif args.option == "predict":
+        check_output_names(args)
+        predict(args, device)
+    else:
+        check_output_names(args)
+        if args.option == "prompt":
+            with torch.no_grad():
+                test_with_prompting(args, device)
         else:
-            check_output_names(args)
-            if args.option == "prompt":
-                with torch.no_grad():
-                    test_with_prompting(args, device)
-            else:
-                dev, test_data = train(args, device)
-                test(args, device, dev, test_data)
-    except (UsageError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        distributed.teardown(wait=False)
-        return 2
-    except RuntimeError as e:
-        return lost_rank(e, args)
-    distributed.teardown()
+            dev, test_data = train(args, device)
+            test(args, device, dev, test_data)
     if main_rank:
         print(f"done in {time.time() - started:.1f}s")
     return 0
