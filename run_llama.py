@@ -32,7 +32,7 @@ from optimizer import AdamW, AdamW8bit
 from quantize import KINDS, quantize_model
 from tokenizer import Tokenizer
 from training import CsvLog, log_path, plot_curves
-from utils import DEVICES, DTYPES, DataError, UsageError, atomic_write_text, pick_device, seed_everything
+from utils import DEVICES, DTYPES, CheckpointError, DataError, UsageError, atomic_write_text, pick_device, seed_everything
 
 GENERATE_PROMPT = ("Victor Frankenstein, a young scientist obsessed with uncovering the secrets of life, "
                    "succeeds in animating a creature assembled from")
