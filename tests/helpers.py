@@ -1,6 +1,8 @@
 """Builders for the tests: tiny random models, and checkpoints written in each supported format."""
+import io
 import json
 import math
+from contextlib import redirect_stderr, redirect_stdout
 
 import torch
 
@@ -70,3 +72,25 @@ def synthetic_pairs(n=50):
 def write_jsonl(path, pairs):
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     return path
+
+
+def code_training_files(work, config: dict, n_pairs: int, n_train: int, data: str = "."):
+    """What a code-training test runs on: work/tiny.pt, a random Llama of `config` (seed 0), and
+    work/data/{train,valid}.jsonl, synthetic_pairs(n_pairs) split at n_train. Returns the pairs."""
+    torch.manual_seed(0)
+    save_stories_pt(Llama(LlamaConfig(**config)), work / "tiny.pt")
+    (work / data).mkdir(exist_ok=True)
+    pairs = synthetic_pairs(n_pairs)
+    write_jsonl(work / data / "train.jsonl", pairs[:n_train])
+    write_jsonl(work / data / "valid.jsonl", pairs[n_train:])
+    return pairs
+
+
+def codegen_cli(argv):
+    """codegen.cli.main in this process: (exit status, stdout, stderr)."""
+    from codegen import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = cli.main(argv)
+    return rc, out.getvalue(), err.getvalue()

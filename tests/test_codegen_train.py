@@ -6,27 +6,24 @@ test_codegen_trainlog.py."""
 import argparse
 import csv
 import dataclasses
-import io
 import json
 import math
 import os
 import random
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
 import torch
 
 from checkpoint import CodeTrainingState, code_metadata, rng_state
-from codegen import cli
 from codegen.common import load_code_model
 from codegen.model_setup import make_optimizer, setup_trainable
 from codegen.train import lr_at
 from config import LlamaConfig
 from conftest import ROOT, asset_path
-from helpers import save_stories_pt, synthetic_pairs, write_jsonl
+from helpers import code_training_files, codegen_cli, write_jsonl
 from llama import Llama, load_pretrained
 from lora import expected_lora_parameters
 from utils import CheckpointError
@@ -45,12 +42,7 @@ def workdir(tmp_path_factory):
     """tiny.pt (vocab 32000, max_seq_len 256), data/{train,valid,small}.jsonl, and the tokenizer path."""
     tokenizer = asset_path("tokenizer.model")
     work = tmp_path_factory.mktemp("codegen_train")
-    torch.manual_seed(0)
-    save_stories_pt(Llama(LlamaConfig(**CONFIG)), work / "tiny.pt")
-    (work / "data").mkdir()
-    pairs = synthetic_pairs(50)
-    write_jsonl(work / "data" / "train.jsonl", pairs[:40])
-    write_jsonl(work / "data" / "valid.jsonl", pairs[40:])
+    pairs = code_training_files(work, CONFIG, 50, 40, data="data")
     write_jsonl(work / "data" / "small.jsonl", pairs[:4])
     return work, str(tokenizer)
 
@@ -61,14 +53,6 @@ def common_args(workdir, out, *extra):
             "--train_data", str(work / "data" / "train.jsonl"), "--valid_data", str(work / "data" / "valid.jsonl"),
             "--out_dir", str(out), "--batch_size", "4", "--max_len", "96", "--eval_samples", "2",
             "--eval_max_new_tokens", "12", "--lr", "3e-3", "--quiet", *extra]
-
-
-def run_cli(argv):
-    """codegen.cli.main in this process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = cli.main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def run_subprocess(workdir, argv):
@@ -293,11 +277,11 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(workdi
     extra = ["--mode", "lora", "--lora_dropout", "0.2", "--fim_rate", "0.5", "--epochs", "2", "--schedule", "constant",
              "--eval_every", "4", "--log_every", "1", "--eval_samples", "0"]
     whole, part = work / "resume_whole", work / "resume_part"
-    assert run_cli(common_args(workdir, whole, *extra, "--max_steps", "13"))[0] == 0
-    assert run_cli(common_args(workdir, part, *extra, "--max_steps", "6"))[0] == 0
+    assert codegen_cli(common_args(workdir, whole, *extra, "--max_steps", "13"))[0] == 0
+    assert codegen_cli(common_args(workdir, part, *extra, "--max_steps", "6"))[0] == 0
     assert [int(r["step"]) for r in read_log(part / "log.csv")] == list(range(1, 7))
     assert torch.load(part / "last.pt", weights_only=True)["step"] == 6
-    rc, stdout, stderr = run_cli(common_args(workdir, part, *extra, "--max_steps", "13", "--resume"))
+    rc, stdout, stderr = codegen_cli(common_args(workdir, part, *extra, "--max_steps", "13", "--resume"))
     assert rc == 0, stderr
     rows = read_log(part / "log.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, 14))  # continued: 7..13
@@ -318,8 +302,8 @@ def test_resume_with_larger_batches_moves_on_to_the_next_epoch(workdir):
     work, _ = workdir
     out = work / "resume_bigger"
     extra = ["--epochs", "4", "--eval_samples", "0"]
-    assert run_cli(common_args(workdir, out, *extra, "--max_steps", "6"))[0] == 0
-    rc, _, stderr = run_cli(common_args(workdir, out, *extra, "--batch_size", "16", "--resume"))
+    assert codegen_cli(common_args(workdir, out, *extra, "--max_steps", "6"))[0] == 0
+    rc, _, stderr = codegen_cli(common_args(workdir, out, *extra, "--batch_size", "16", "--resume"))
     assert rc == 0, stderr
     summary = json.loads((out / "summary.json").read_text())  # 4 epochs of 3 steps now: 12 in all
     assert summary["steps"] == 12 and summary["epochs_completed"] == pytest.approx(3.0)
@@ -344,7 +328,7 @@ def test_grad_accum_gives_the_full_batch_gradient(workdir, tmp_path, monkeypatch
     for out, batch, accum in (("full", "2", "1"), ("accum", "1", "2")):
         argv = common_args(workdir, tmp_path / out, "--train_data", str(train), "--valid_limit", "1", "--eval_samples",
                            "0", "--batch_size", batch, "--grad_accum", accum, "--grad_clip", "0", "--max_steps", "1")
-        assert run_cli(argv)[0] == 0
+        assert codegen_cli(argv)[0] == 0
     assert len(grads) == 2
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
@@ -370,7 +354,7 @@ def test_best_checkpoint_is_the_lowest_validation_loss_not_the_last(workdir, tmp
     out = tmp_path / "out"
     argv = common_args(workdir, out, "--train_data", str(workdir[0] / "data" / "small.jsonl"), "--batch_size", "1",
                        "--eval_every", "1", "--max_steps", "3", "--eval_samples", "0")
-    assert run_cli(argv)[0] == 0
+    assert codegen_cli(argv)[0] == 0
     assert len(seen) == 3
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["best_valid_loss"], summary["best_step"]) == (1.0, 2)
@@ -386,10 +370,10 @@ def test_resume_keeps_the_best_validation_loss(workdir, tmp_path, monkeypatch):
     argv = common_args(workdir, out, "--train_data", str(workdir[0] / "data" / "small.jsonl"), "--batch_size", "1",
                        "--eval_every", "1", "--eval_samples", "0")
     fake_valid_losses(monkeypatch, [1.0])
-    assert run_cli([*argv, "--max_steps", "1"])[0] == 0
+    assert codegen_cli([*argv, "--max_steps", "1"])[0] == 0
     first_best = (out / "best.pt").read_bytes()
     fake_valid_losses(monkeypatch, [2.0, 2.0])
-    rc, _, err = run_cli([*argv, "--max_steps", "3", "--resume"])
+    rc, _, err = codegen_cli([*argv, "--max_steps", "3", "--resume"])
     assert rc == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["best_valid_loss"], summary["best_step"], summary["steps"]) == (1.0, 1, 3)
@@ -403,7 +387,7 @@ def test_default_data_is_built_with_codegen_data(workdir, tmp_path):
             "--data_dir", str(tmp_path / "data"), "--build_from", str(ROOT / "tests" / "fixtures" / "pytree"),
             "--out_dir", str(tmp_path / "out"), "--max_steps", "1", "--eval_samples", "1",
             "--eval_max_new_tokens", "4", "--max_len", "64", "--quiet"]
-    rc, stdout, stderr = run_cli(argv)
+    rc, stdout, stderr = codegen_cli(argv)
     assert rc == 0, stderr
     assert (tmp_path / "data" / "train.jsonl").is_file() and (tmp_path / "data" / "valid.jsonl").is_file()
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["data"]["train"].endswith("train.jsonl")
@@ -415,7 +399,7 @@ def test_loss_decreases_when_overfitting_a_few_pairs(workdir):
     argv = common_args(workdir, out, "--train_data", str(work / "data" / "small.jsonl"), "--epochs", "30",
                        "--max_steps", "30", "--eval_every", "30", "--log_every", "1", "--eval_samples", "0",
                        "--schedule", "constant", "--warmup_steps", "0", "--lr", "1e-2", "--bf16")
-    rc, stdout, stderr = run_cli(argv)
+    rc, stdout, stderr = codegen_cli(argv)
     assert rc == 0, stderr
     assert "--bf16 ignored" in stderr  # CPU: a warning, then float32
     losses = [float(r["train_loss"]) for r in read_log(out / "log.csv")]
@@ -431,24 +415,24 @@ def test_loss_decreases_when_overfitting_a_few_pairs(workdir):
 def test_clear_errors(workdir, tmp_path):
     work, tokenizer = workdir
     missing = common_args(workdir, tmp_path / "o1", "--train_data", str(tmp_path / "nope.jsonl"))
-    rc, _, err = run_cli(missing)
+    rc, _, err = codegen_cli(missing)
     assert rc == 2 and "nope.jsonl" in err and "codegen.data" in err
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "def f():\n", "code": "    pass\n"}) + "\n{not json\n")
-    rc, _, err = run_cli(common_args(workdir, tmp_path / "o2", "--train_data", str(bad)))
+    rc, _, err = codegen_cli(common_args(workdir, tmp_path / "o2", "--train_data", str(bad)))
     assert rc == 2 and f"{bad}:2" in err
 
     no_code = tmp_path / "no_code.jsonl"
     no_code.write_text(json.dumps({"prompt": "def f():\n"}) + "\n")
-    rc, _, err = run_cli(common_args(workdir, tmp_path / "o3", "--train_data", str(no_code)))
+    rc, _, err = codegen_cli(common_args(workdir, tmp_path / "o3", "--train_data", str(no_code)))
     assert rc == 2 and f"{no_code}:1" in err and "'code'" in err
 
-    rc, _, err = run_cli(common_args(workdir, tmp_path / "o4", "--mode", "lora", "--lora_targets", "compute_query,wq"))
+    rc, _, err = codegen_cli(common_args(workdir, tmp_path / "o4", "--mode", "lora", "--lora_targets", "compute_query,wq"))
     assert rc == 2 and "wq" in err and "compute_value" in err
 
-    rc, _, err = run_cli(common_args(workdir, tmp_path / "o5", "--max_len", "512"))
+    rc, _, err = codegen_cli(common_args(workdir, tmp_path / "o5", "--max_len", "512"))
     assert rc == 2 and "max_seq_len=256" in err and "--max_len" in err
 
-    rc, _, err = run_cli(common_args(workdir, tmp_path / "o6", "--resume"))
+    rc, _, err = codegen_cli(common_args(workdir, tmp_path / "o6", "--resume"))
     assert rc == 2 and "last.pt" in err and "--resume" in err

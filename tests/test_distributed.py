@@ -27,7 +27,7 @@ from codegen.examples import IGNORE, Examples, collate, epoch_plan, rank_batches
 from codegen.train import step_budget
 from config import LlamaConfig
 from conftest import ROOT, asset_path
-from helpers import save_stories_pt, synthetic_pairs, write_jsonl
+from helpers import code_training_files
 from llama import Llama
 from training import read_log as read_csv
 
@@ -136,11 +136,7 @@ def test_without_torchrun_nothing_is_distributed(monkeypatch):
 def workdir(tmp_path_factory):
     tokenizer = asset_path("tokenizer.model")
     work = tmp_path_factory.mktemp("distributed")
-    torch.manual_seed(0)
-    save_stories_pt(Llama(LlamaConfig(**CONFIG)), work / "tiny.pt")
-    pairs = synthetic_pairs(45)
-    write_jsonl(work / "train.jsonl", pairs[:37])  # 37: the last global batch (4) holds 1 example
-    write_jsonl(work / "valid.jsonl", pairs[37:])
+    code_training_files(work, CONFIG, 45, 37)  # 37 training pairs: the last global batch (4) holds 1 example
     return work, str(tokenizer)
 
 

@@ -4,22 +4,19 @@ against dequantize-then-F.linear; quantize_model on a Llama; QLoRA training from
 --optim), its resume and its refusals."""
 import copy
 import importlib.util
-import io
 import json
 import math
 import os
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from codegen import cli
 from conftest import ROOT, asset_path
-from helpers import lively_model, save_stories_pt, synthetic_pairs, write_jsonl
+from helpers import code_training_files, codegen_cli, lively_model
 from lora import inject_lora, lora_layers, mark_only_lora_trainable, merged_state_dict
 from quantize import (CODE_BOOKS, NF4_LEVELS, Int8Linear, NF4Linear, dequantize_blockwise, dequantize_model,
                       dynamic_map, int8_dequantize, int8_quantize, model_bytes, nf4_dequantize, nf4_quantize,
@@ -378,16 +375,9 @@ CONFIG = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, mul
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from config import LlamaConfig
-    from llama import Llama
-
     tokenizer = asset_path("tokenizer.model")
     work = tmp_path_factory.mktemp("qlora")
-    torch.manual_seed(0)
-    save_stories_pt(Llama(LlamaConfig(**CONFIG)), work / "tiny.pt")
-    pairs = synthetic_pairs(40)
-    write_jsonl(work / "train.jsonl", pairs[:32])
-    write_jsonl(work / "valid.jsonl", pairs[32:])
+    code_training_files(work, CONFIG, 40, 32)
     return work, str(tokenizer)
 
 
@@ -397,13 +387,6 @@ def codegen_args(workdir, out, *extra):
             "--train_data", str(work / "train.jsonl"), "--valid_data", str(work / "valid.jsonl"),
             "--out_dir", str(out), "--batch_size", "4", "--max_len", "64", "--eval_samples", "0", "--lr", "3e-3",
             "--quiet", "--schedule", "constant", "--log_every", "1", *extra]
-
-
-def run_cli(argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = cli.main(argv)
-    return rc, out.getvalue(), err.getvalue()
 
 
 def test_quantize_with_full_fine_tuning_is_one_clear_error(workdir, tmp_path):
@@ -433,9 +416,9 @@ def test_qlora_with_adamw8bit_resumes_as_if_uninterrupted(workdir):
              "compute_query,compute_value,w2", "--lora_rank", "32", "--lora_dropout", "0",
              "--eval_every", "3"]  # rank 32: w2's A (32 x 176) is large enough for 8-bit moments
     whole, part = work / "whole", work / "part"
-    assert run_cli(codegen_args(workdir, whole, *extra, "--max_steps", "7"))[0] == 0
-    assert run_cli(codegen_args(workdir, part, *extra, "--max_steps", "4"))[0] == 0
-    rc, _, err = run_cli(codegen_args(workdir, part, "--resume", "--max_steps", "7"))  # settings from last.pt
+    assert codegen_cli(codegen_args(workdir, whole, *extra, "--max_steps", "7"))[0] == 0
+    assert codegen_cli(codegen_args(workdir, part, *extra, "--max_steps", "4"))[0] == 0
+    rc, _, err = codegen_cli(codegen_args(workdir, part, "--resume", "--max_steps", "7"))  # settings from last.pt
     assert rc == 0, err
     rows, reference = read_rows(part / "log.csv"), read_rows(whole / "log.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, 8))
@@ -454,7 +437,7 @@ def test_qlora_with_adamw8bit_resumes_as_if_uninterrupted(workdir):
 @pytest.mark.parametrize("extra", [["--mode", "lora", "--quantize", "int8"], ["--mode", "full", "--optim", "adamw8bit"]])
 def test_other_combinations_train(workdir, tmp_path, extra):
     """QLoRA on an int8 base; full fine-tuning with 8-bit moments."""
-    rc, _, err = run_cli(codegen_args(workdir, tmp_path, *extra, "--max_steps", "2"))
+    rc, _, err = codegen_cli(codegen_args(workdir, tmp_path, *extra, "--max_steps", "2"))
     assert rc == 0, err
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert (any(k.endswith("weight_int8") for k in last["model"]) if "int8" in extra
@@ -464,7 +447,7 @@ def test_other_combinations_train(workdir, tmp_path, extra):
 def test_code_generate_with_quantized_weights(workdir):
     work, tokenizer = workdir
     for kind in ("nf4", "int8"):
-        rc, out, err = run_cli(["--option", "code_generate", "--pretrained-model-path", str(work / "tiny.pt"),
+        rc, out, err = codegen_cli(["--option", "code_generate", "--pretrained-model-path", str(work / "tiny.pt"),
                                 "--tokenizer", tokenizer, "--quantize", kind, "--prompt", "def add(x):\n",
                                 "--max_new_tokens", "4"])
         assert rc == 0, err
